@@ -1,0 +1,1 @@
+"""nnx_* command-line entry points."""
