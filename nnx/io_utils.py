@@ -54,3 +54,17 @@ def atomic_dir(final_path: str) -> Iterator[str]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final_path)
+
+
+def read_json(path: str, what: str = "JSON file") -> Any:
+    """Read a JSON file; a missing or invalid file is a one-line :class:`~nnx.errors.NNXError`."""
+    from nnx.errors import NNXError
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise NNXError(f"{what} not found", path) from None
+    except json.JSONDecodeError as e:
+        raise NNXError(f"invalid JSON in {what}: {e.msg} at line {e.lineno} column {e.colno}", path) from None
+    except OSError as e:
+        raise NNXError(f"cannot read {what}: {e.strerror}", path) from None

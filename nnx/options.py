@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 from nnx.errors import NNXError
 
 ENV_VAR = "NNX_TRAINER_OPTS"
+SOURCE_ENV_VAR = "NNX_TRAINER_OPTS_SOURCE"  # recorded in nnx_config.json (set by nnx_train)
 CONFIG_FILE = "nnx_config.json"
 
 
@@ -135,5 +136,5 @@ def options_table(trainer_cls: type) -> Dict[str, Dict[str, Any]]:
     return {k: {"default": o.default, "help": o.help} for k, o in declared_options(trainer_cls).items()}
 
 
-__all__ = ["Option", "COMMON_OPTIONS", "ENV_VAR", "CONFIG_FILE", "declared_options", "parse_opts_string",
+__all__ = ["Option", "COMMON_OPTIONS", "ENV_VAR", "SOURCE_ENV_VAR", "CONFIG_FILE", "declared_options", "parse_opts_string",
            "parse_kv_list", "resolve", "options_from_env", "apply", "write_config", "options_table"]

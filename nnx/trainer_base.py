@@ -52,7 +52,8 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         nnx_options.apply(self, values)
         if self.local_rank == 0 and self.output_folder is not None:
-            source = nnx_options.ENV_VAR if os.environ.get(nnx_options.ENV_VAR) else "defaults"
+            source = os.environ.get(nnx_options.SOURCE_ENV_VAR) or (
+                nnx_options.ENV_VAR if os.environ.get(nnx_options.ENV_VAR) else "defaults")
             nnx_options.write_config(self.output_folder, type(self).__name__, values, source)
 
     def save_checkpoint(self, filename: str) -> None:

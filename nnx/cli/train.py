@@ -1,0 +1,111 @@
+"""``nnx_train``: stock nnU-Net training (``run_training``) with a registered trainer and validated options.
+
+DDP, ``--c``, ``--val`` and ``-pretrained_weights`` go through nnU-Net's own ``run_training``. nnx only resolves the
+trainer through its registry (the shim folder is put into ``nnUNet_extTrainer``), validates the options against
+the trainer's declared ones before anything is written, and passes them on through ``NNX_TRAINER_OPTS``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from nnx.errors import NNXError, cli_entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnx_train", description="Train a registered trainer with nnU-Net's run_training.")
+    p.add_argument("dataset_name_or_id", help="dataset name or id")
+    p.add_argument("configuration", help="configuration, e.g. 3d_fullres")
+    p.add_argument("fold", help="fold 0-4 or 'all'")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer name (see nnx_trainers); default nnUNetTrainer")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier; default nnUNetPlans")
+    p.add_argument("-pretrained_weights", default=None, help="checkpoint to initialise the network from")
+    p.add_argument("-num_gpus", type=int, default=1, help="number of GPUs (DDP); default 1")
+    p.add_argument("--npz", action="store_true", help="save validation softmax outputs (.npz)")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--val", action="store_true", help="only run the validation (needs checkpoint_final.pth)")
+    p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best.pth")
+    p.add_argument("--disable_checkpointing", action="store_true", help="do not write checkpoints")
+    p.add_argument("-device", default=None, help="cuda | cpu | mps (default: cuda if available, else cpu)")
+    p.add_argument("--epochs", type=int, default=None, help="option epochs")
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="option iters_per_epoch")
+    p.add_argument("--val-iters", type=int, default=None, help="option val_iters")
+    p.add_argument("--opt", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="trainer option(s), validated against the trainer's declared options (nnx_trainers)")
+    return p
+
+
+def collect_raw_options(args) -> dict:
+    from nnx.options import parse_kv_list
+    raw = parse_kv_list(args.opt, "--opt")
+    for key, val in (("epochs", args.epochs), ("iters_per_epoch", args.iters_per_epoch),
+                     ("val_iters", args.val_iters)):
+        if val is not None:
+            raw[key] = str(val)
+    for key, val in raw.items():
+        if any(c.isspace() for c in val) or "," in val:
+            raise NNXError(f"option '{key}': values must not contain spaces or commas ('{val}')", "--opt")
+    return raw
+
+
+def _patch_options_for_stock_trainers(values: dict, trainer_name: str) -> None:
+    """Stock trainers do not read NNX_TRAINER_OPTS: apply the common options right after construction."""
+    import nnunetv2.run.run_training as rt
+    from nnx import options
+
+    original = rt.get_trainer_from_args
+
+    def get_trainer_with_options(*a, **kw):
+        trainer = original(*a, **kw)
+        options.apply(trainer, values)
+        if trainer.local_rank == 0:
+            options.write_config(trainer.output_folder, trainer_name, values, "nnx_train")
+        return trainer
+
+    rt.get_trainer_from_args = get_trainer_with_options
+
+
+@cli_entry("nnx_train")
+def main(argv):
+    args = build_parser().parse_args(argv)
+    from nnx import checks, options
+    from nnx.cli.common import check_configuration, load_plans, parse_fold, pick_device
+    from nnx.registry import is_nnx_trainer, load_trainer
+
+    checks.require_env("nnUNet_preprocessed", "nnUNet_results")
+    dataset_name = checks.resolve_dataset(args.dataset_name_or_id, where=("preprocessed",))
+    plans = load_plans(dataset_name, args.p)
+    check_configuration(plans, args.configuration, f"{args.p}.json")
+    fold = parse_fold(args.fold)
+    trainer_cls = load_trainer(args.tr)
+    raw = collect_raw_options(args)
+    values = options.resolve(trainer_cls, raw, "--opt")
+    if args.c and args.pretrained_weights:
+        raise NNXError("--c and -pretrained_weights cannot be combined")
+    if args.c and args.val:
+        raise NNXError("--c and --val cannot be combined")
+    if args.pretrained_weights and not os.path.isfile(args.pretrained_weights):
+        raise NNXError("pretrained weights file not found", args.pretrained_weights)
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    out = get_output_folder(dataset_name, args.tr, args.p, args.configuration, fold)
+    if args.val and not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
+        raise NNXError("--val needs a finished training (checkpoint_final.pth missing)", out)
+    if args.num_gpus > 1 and raw and not is_nnx_trainer(trainer_cls):
+        raise NNXError(f"options for the stock trainer {args.tr} are not supported with -num_gpus > 1")
+    device = pick_device(args.device)
+
+    from nnx.ext_path import ensure_ext_trainer_env
+    ensure_ext_trainer_env()
+    os.environ[options.ENV_VAR] = " ".join(f"{k}={v}" for k, v in raw.items())
+    os.environ[options.SOURCE_ENV_VAR] = "nnx_train"
+    if not is_nnx_trainer(trainer_cls):
+        _patch_options_for_stock_trainers(values, args.tr)
+
+    from nnunetv2.run.run_training import run_training
+    print(f"nnx_train: {args.tr} on {dataset_name} {args.configuration} fold {fold} "
+          f"(plans {args.p}, device {device.type}); options: "
+          + ", ".join(f"{k}={v}" for k, v in values.items() if k in raw or k in ("epochs", "iters_per_epoch")))
+    run_training(dataset_name, args.configuration, fold, args.tr, args.p, args.pretrained_weights, args.num_gpus,
+                 args.npz, args.c, args.val, args.disable_checkpointing, args.val_best, device=device)
+    print(f"nnx_train: done, results in {out}")
+    return 0

@@ -1,0 +1,45 @@
+"""``nnx_trainers``: list the registered trainers (name, summary, source, requirements, options, memory profile)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from nnx.errors import cli_entry
+
+
+def _fmt_value(v):
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+@cli_entry("nnx_trainers")
+def main(argv):
+    p = argparse.ArgumentParser(prog="nnx_trainers", description="List the trainers registered in the "
+                                "'nnx.trainers' entry-point group (nnx plugins and third-party packages).")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.add_argument("names", nargs="*", help="only these trainers")
+    args = p.parse_args(argv)
+
+    from nnx.registry import describe, load_trainer, trainer_names, unknown_trainer
+    names = trainer_names()
+    for n in args.names:
+        if n not in names:
+            raise unknown_trainer(n)
+    infos = [describe(load_trainer(n)) for n in (args.names or names)]
+    if args.json:
+        print(json.dumps(infos, indent=2, default=str))
+        return 0
+    for info in infos:
+        tag = "  [baseline]" if info["baseline"] else ""
+        print(f"{info['name']}{tag}")
+        print(f"  {info['summary']}")
+        if info["source"]:
+            print(f"  source:    {info['source']}")
+        req = info["requires"]
+        print(f"  requires:  tiers={','.join(req.get('tiers', []))}  inputs={','.join(req.get('inputs', []))}")
+        mem = info["memory_profile"]
+        extra = f" + {mem['extra_architectures']}" if mem.get("extra_architectures") else ""
+        print(f"  memory:    activations x{mem['activation_factor']:g} + {mem['static_gb']:g} GB static{extra}")
+        print(f"  inference: {'stock nnU-Net network (exportable)' if info['inference_network_is_stock'] else 'custom network (not exportable to plain nnU-Net)'}")
+        print("  options:   " + ", ".join(f"{k}={_fmt_value(o['default'])}" for k, o in info["options"].items()))
+        print()
+    return 0
