@@ -24,3 +24,7 @@ def main(argv):
     p.parse_args(argv)
     print(SHIM_DIR)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -103,3 +103,7 @@ def main(argv):
     print(f"nnx_evaluate: {len(result['metric_per_case'])} case(s), summary written to {out} "
           f"({time.time() - t0:.1f} s)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,12 +66,12 @@ def main(argv):
     from nnx.io_utils import atomic_dir
     from nnx.registry import inference_network_is_stock, load_trainer
 
-    checks.require_env("nnUNet_results")
-    dataset_name = checks.resolve_dataset(args.d, where=("results",))
     cls = load_trainer(args.tr)
     if not inference_network_is_stock(cls):
         raise NNXError(f"trainer {args.tr} uses its own inference network, so its models cannot run as plain "
                        f"nnU-Net models; predict with nnx_predict (or stock nnU-Net with nnUNet_extTrainer set)")
+    checks.require_env("nnUNet_results")
+    dataset_name = checks.resolve_dataset(args.d, where=("results",))
     src = model_folder(dataset_name, args.tr, args.p, args.c)
     if not os.path.isdir(src):
         raise NNXError(f"no trained model for trainer {args.tr}, plans {args.p}, configuration {args.c}", src)
@@ -99,3 +99,7 @@ def main(argv):
     print(f"  predict with stock nnU-Net: nnUNetv2_predict_from_modelfolder -i INPUT -o OUTPUT -m {args.o} "
           f"-f {' '.join(args.f)}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -95,3 +95,7 @@ def main(argv):
         path = os.path.join(os.environ["nnUNet_preprocessed"], name, pid + ".json")
         print(f"nnx_plan: {name}: plans identifier '{pid}' written to {path} ({time.time() - t0:.1f} s)")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

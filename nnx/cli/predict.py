@@ -107,3 +107,7 @@ def main(argv):
     n = sum(1 for w in written if w.endswith(dataset_json["file_ending"]))
     print(f"nnx_predict: wrote {n} prediction(s) to {args.o} in {time.time() - t0:.1f} s")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

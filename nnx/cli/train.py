@@ -109,3 +109,7 @@ def main(argv):
                  args.npz, args.c, args.val, args.disable_checkpointing, args.val_best, device=device)
     print(f"nnx_train: done, results in {out}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

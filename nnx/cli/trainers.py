@@ -19,15 +19,22 @@ def main(argv):
     p.add_argument("names", nargs="*", help="only these trainers")
     args = p.parse_args(argv)
 
+    import sys
     from nnx.registry import describe, load_trainer, trainer_names, unknown_trainer
     names = trainer_names()
     for n in args.names:
         if n not in names:
             raise unknown_trainer(n)
-    infos = [describe(load_trainer(n)) for n in (args.names or names)]
+    infos, broken = [], 0
+    for n in args.names or names:
+        try:
+            infos.append(describe(load_trainer(n)))
+        except Exception as e:  # noqa: BLE001 - one broken third-party plugin must not hide the others
+            broken += 1
+            print(f"nnx_trainers: warning: trainer '{n}' cannot be loaded: {type(e).__name__}: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
-        return 0
+        return 1 if broken else 0
     for info in infos:
         tag = "  [baseline]" if info["baseline"] else ""
         print(f"{info['name']}{tag}")
@@ -42,4 +49,8 @@ def main(argv):
         print(f"  inference: {'stock nnU-Net network (exportable)' if info['inference_network_is_stock'] else 'custom network (not exportable to plain nnU-Net)'}")
         print("  options:   " + ", ".join(f"{k}={_fmt_value(o['default'])}" for k, o in info["options"].items()))
         print()
-    return 0
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

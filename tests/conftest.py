@@ -1,0 +1,67 @@
+"""Shared fixtures: one tiny phantom, planned and preprocessed once per test session.
+
+Every test runs with its own nnUNet_* folders under a session temp dir; nothing touches the user's environment.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY_ID = 901
+
+# before anything imports nnunetv2 (it reads these at import time): one worker process, no torch.compile
+os.environ["nnUNet_def_n_proc"] = "1"
+os.environ["nnUNet_compile"] = "0"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory):
+    """Session-wide nnUNet_raw/_preprocessed/_results in a temp dir (also exported to os.environ)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results"), "nnUNet_def_n_proc": "1", "nnUNet_compile": "0"}
+    for v in env.values():
+        if os.sep in v:
+            os.makedirs(v, exist_ok=True)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    os.environ.pop("nnUNet_extTrainer", None)
+    os.environ.pop("NNX_TRAINER_OPTS", None)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(nnunet_env):
+    """The tiny phantom (raw only). Returns its dataset name."""
+    from nnx.synth import make_dataset
+    report = make_dataset(TINY_ID, preset="tiny", seed=0)
+    return os.path.basename(report.folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_planned(tiny_dataset):
+    """The tiny phantom planned and preprocessed (3d_fullres) through nnx_plan."""
+    from nnx.cli.plan import main
+    assert main(["-d", str(TINY_ID), "-c", "3d_fullres", "-np", "1"]) == 0
+    return tiny_dataset
+
+
+def run_cli(args, env=None, timeout=600):
+    """Run a console command in a subprocess; returns CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def nnx_cmd(module: str, *args: str):
+    """``python -m nnx.cli.<module> args`` (same code as the console script, no PATH assumptions)."""
+    return [sys.executable, "-m", f"nnx.cli.{module}", *args]
