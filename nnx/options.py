@@ -95,6 +95,9 @@ def resolve(trainer_cls: type, raw: Mapping[str, Any], source: str = "--opt") ->
             raise NNXError(f"unknown option '{key}' for trainer {trainer_cls.__name__} "
                            f"(known: {', '.join(sorted(declared))}){hint}", source)
         values[key] = declared[key].convert(key, val, source)
+    check = getattr(trainer_cls, "nnx_check_options", None)
+    if check is not None:
+        check(values, source)  # value ranges and combinations the trainer itself knows about
     return values
 
 

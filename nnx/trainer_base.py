@@ -7,7 +7,8 @@ instantiating it:
 ``nnx_summary``      one line shown by ``nnx_trainers``
 ``nnx_source``       source document / spec section
 ``nnx_requires``     ``{"tiers": [...], "inputs": [...]}``: annotation tiers and inputs it needs
-``nnx_options``      ``{"key": Option(default, "help")}``: its own options (common ones are always there)
+``nnx_options``      ``{"key": Option(default, "help")}``: its own options (common ones are always there);
+                     ranges and combinations are checked in the classmethod ``nnx_check_options``
 ``nnx_memory``       memory profile for planning (see :mod:`nnx.memory`)
 ``nnx_inference_network_is_stock``  False if inference needs more than nnU-Net's own network
 
@@ -36,6 +37,11 @@ class nnxTrainerMixin:
     nnx_options: Dict[str, nnx_options.Option] = {}
     nnx_memory: Dict[str, Any] = {}
     nnx_inference_network_is_stock: bool = True
+
+    @classmethod
+    def nnx_check_options(cls, values: Dict[str, Any], source: str) -> None:
+        """Check option values beyond type and choices (ranges, combinations); raise NNXError(msg, source).
+        Called by :func:`nnx.options.resolve`, i.e. by nnx_train and before nnU-Net creates any folder."""
 
     def nnx_extra_state(self) -> Dict[str, Any]:
         """State of plugin-only modules to store in the checkpoint (key ``nnx_extra``). Override."""

@@ -54,7 +54,9 @@ def rewrite(path, fn):
     new = fn(arr, img)
     if isinstance(new, np.ndarray):
         out = sitk.GetImageFromArray(new)
-        out.CopyInformation(img)
+        out.SetSpacing(img.GetSpacing())
+        out.SetOrigin(img.GetOrigin())
+        out.SetDirection(img.GetDirection())
         new = out
     sitk.WriteImage(new, path)
 

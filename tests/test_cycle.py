@@ -111,7 +111,7 @@ def test_stock_nnunet_with_shim_and_export(tiny_planned, nnunet_env, tmp_path):
     import subprocess
     r = subprocess.run([stock("nnUNetv2_predict_from_modelfolder"), "-i", os.path.join(raw, "imagesTs"),
                         "-o", str(exported_pred), "-m", str(export), "-f", "0", "-device", "cpu", "--disable_tta",
-                        "-npp", "0", "-nps", "0", "--disable_progress_bar"],
+                        "-npp", "1", "-nps", "1"],
                        capture_output=True, text=True, env=clean_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     cases = sorted(f for f in os.listdir(nnx_pred) if f.endswith(".nii.gz"))

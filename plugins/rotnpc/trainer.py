@@ -60,17 +60,6 @@ class SegmentPolyLR(PolyLRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def _check_option_values(values: Dict[str, Any]) -> None:
-    src = nnx_options.ENV_VAR
-    if not 0.0 <= values["pretrain_fraction"] <= 1.0:
-        raise NNXError(f"option 'pretrain_fraction' must be in [0, 1], got {values['pretrain_fraction']}", src)
-    if not 0.0 < values["rotated_fraction"] <= 1.0:
-        raise NNXError(f"option 'rotated_fraction' must be in (0, 1], got {values['rotated_fraction']}", src)
-    for key in ("head_hidden", "head_pool_hw"):
-        if values[key] < 1:
-            raise NNXError(f"option '{key}' must be >= 1, got {values[key]}", src)
-
-
 class RotNPCTrainer(nnxTrainer):
     nnx_summary = ("3DRotNPC: slice-rotation self-supervised pretext (encoder + rotation head) for the first "
                    "epochs, then segmentation fine-tuning of the whole U-Net, in one run")
@@ -96,9 +85,18 @@ class RotNPCTrainer(nnxTrainer):
     nnx_memory = {"activation_factor": 1.0, "static_gb": 0.1}
     nnx_inference_network_is_stock = True
 
+    @classmethod
+    def nnx_check_options(cls, values: Dict[str, Any], src: str) -> None:
+        if not 0.0 <= values["pretrain_fraction"] <= 1.0:
+            raise NNXError(f"option 'pretrain_fraction' must be in [0, 1], got {values['pretrain_fraction']}", src)
+        if not 0.0 < values["rotated_fraction"] <= 1.0:
+            raise NNXError(f"option 'rotated_fraction' must be in (0, 1], got {values['rotated_fraction']}", src)
+        for key in ("head_hidden", "head_pool_hw"):
+            if values[key] < 1:
+                raise NNXError(f"option '{key}' must be >= 1, got {values[key]}", src)
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        _check_option_values(nnx_options.options_from_env(type(self)))  # before nnU-Net creates folders
         super().__init__(plans, configuration, fold, dataset_json, device)
         patch = tuple(int(i) for i in self.configuration_manager.patch_size)
         if len(patch) != 3:
