@@ -157,6 +157,25 @@ class PhantomParams:
     make_pet: bool = True
 
 
+def _place_small_blob(rng, shape, candidates, r, sx, sz, allowed, occupied):
+    """Draw a deformed ellipsoid of radius ~r (mm-scaled in z) centred on a random candidate voxel, restricted to
+    ``allowed`` and to free space; mark it (plus a 2-voxel margin) as occupied. None if nothing fits."""
+    cand = np.flatnonzero(candidates)
+    if cand.size == 0:
+        return None
+    ci = np.unravel_index(int(cand[rng.integers(cand.size)]), shape)
+    rz = max(0.6, r * sx / sz)
+    sl, m = blob(rng, shape, ci, (rz * rng.uniform(0.85, 1.15), r * rng.uniform(0.8, 1.2),
+                                  r * rng.uniform(0.8, 1.2)),
+                 angle=rng.uniform(-np.pi, np.pi), deform=0.3)
+    m = m & allowed[sl] & ~occupied[sl]
+    if m.sum() < 4:
+        return None
+    m = largest_component(m)
+    occupied[sl] |= ndi.binary_dilation(m, structure=_FULL, iterations=2)
+    return sl, m
+
+
 def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
     Z, Y, X = p.shape
     sz, sy, sx = p.spacing_zyx
@@ -240,20 +259,12 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
             if inner[name] is None:
                 continue
             r = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-            cand = np.flatnonzero((inner[name] >= max(1.0, 0.6 * r)) & ~occupied)
-            if cand.size == 0:
+            placed = _place_small_blob(rng, shape, (inner[name] >= max(1.0, 0.6 * r)) & ~occupied, r, sx, sz,
+                                       organs == ORGAN_ID[name], occupied)
+            if placed is None:
                 continue
-            ci = np.unravel_index(int(cand[rng.integers(cand.size)]), shape)
-            rz = max(0.6, r * sx / sz)
-            sl, m = blob(rng, shape, ci, (rz * rng.uniform(0.85, 1.15), r * rng.uniform(0.8, 1.2),
-                                          r * rng.uniform(0.8, 1.2)),
-                         angle=rng.uniform(-np.pi, np.pi), deform=0.3)
-            m = m & (organs[sl] == ORGAN_ID[name]) & ~occupied[sl]
-            if m.sum() < 4:
-                continue
-            m = largest_component(m)
+            sl, m = placed
             lesion[sl] |= m
-            occupied[sl] |= ndi.binary_dilation(m, structure=_FULL, iterations=2)
             lesion_value_ct.append((sl, m, -rng.uniform(12, 25), rng.uniform(2.5, 7.0)))
             lesion_organs.append(name)
             break
@@ -277,20 +288,11 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
             else:
                 cand = free_tissue & (dist_les_org >= r + 2.5) & ~occupied
                 allowed = free_tissue & (dist_les_org >= 1.5)
-            cand = np.flatnonzero(cand)
-            if cand.size == 0:
+            placed = _place_small_blob(rng, shape, cand, r, sx, sz, allowed, occupied)
+            if placed is None:
                 continue
-            ci = np.unravel_index(int(cand[rng.integers(cand.size)]), shape)
-            rz = max(0.6, r * sx / sz)
-            sl, m = blob(rng, shape, ci, (rz * rng.uniform(0.85, 1.15), r * rng.uniform(0.8, 1.2),
-                                          r * rng.uniform(0.8, 1.2)),
-                         angle=rng.uniform(-np.pi, np.pi), deform=0.3)
-            m = m & allowed[sl] & ~occupied[sl]
-            if m.sum() < 4:
-                continue
-            m = largest_component(m)
+            sl, m = placed
             mimic[sl] |= m
-            occupied[sl] |= ndi.binary_dilation(m, structure=_FULL, iterations=2)
             like = "liver" if rng.random() < 0.65 else "kidney"
             hot = rng.uniform(2.5, 7.0) if rng.random() < p.p_hot_mimic else None
             mimic_values.append((sl, m, like, -rng.uniform(12, 25), hot))
