@@ -18,7 +18,7 @@ PRESETS = {
     # Sized for 2 CPU cores: one iteration at the tiny preset's 28x56x56 patch takes about 1 s, at the small
     # preset's 40x80x80 about 4 s, so the default demo keeps the tiny geometry and adds cases and iterations.
     "quick": dict(preset="tiny", synth={}, epochs=3, iters=5, val_iters=1),
-    "default": dict(preset="tiny", synth={"num_train": 16, "num_test": 6}, epochs=8, iters=15, val_iters=2),
+    "default": dict(preset="tiny", synth={"num_train": 16, "num_test": 6}, epochs=12, iters=15, val_iters=2),
 }
 
 
@@ -106,7 +106,8 @@ def make_figure(path: str, images_dir: str, labels_dir: str, pred_dirs: Dict[str
         gt = load(os.path.join(labels_dir, case + file_ending))
         fg = np.argwhere(gt > 0)
         z = int(np.median(fg[:, 0])) if len(fg) else img.shape[0] // 2
-        lo, hi = np.percentile(img, (1, 99))
+        body = img[img > np.percentile(img, 30)]  # window on the body, not the air around it
+        lo, hi = np.percentile(body, (1, 99))
         panels = [("image", None), ("reference", gt)] + [(tr, load(os.path.join(d, case + file_ending)))
                                                         for tr, d in pred_dirs.items()]
         for c, (title, seg) in enumerate(panels):
