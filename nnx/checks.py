@@ -360,7 +360,7 @@ def load_dataset_json(folder: str, check_num_training: Optional[bool] = None) ->
         raise NNXError(f"'numTraining' must be a non-negative integer, got {nt!r}", path)
     _validate_labels(dj["labels"], dj, path)
     if "dataset" in dj and not isinstance(dj["dataset"], Mapping):
-        raise NNXError(f"'dataset' must be an object mapping case ids to {{\"images\": [...], \"label\": ...}}", path)
+        raise NNXError("'dataset' must be an object mapping case ids to {\"images\": [...], \"label\": ...}", path)
 
     if check_num_training is None:
         check_num_training = "dataset" in dj or os.path.isdir(os.path.join(folder, "imagesTr"))

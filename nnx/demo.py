@@ -5,12 +5,11 @@ phantom (nnx_synth) -> plan + preprocess (nnx_plan) -> train the stock nnUNetTra
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Dict, List
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, NNXError, cli_entry
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 PRESETS = {
@@ -139,7 +138,7 @@ def make_figure(path: str, images_dir: str, labels_dir: str, pred_dirs: Dict[str
 
 @cli_entry("nnx_demo")
 def main(argv):
-    p = argparse.ArgumentParser(prog="nnx_demo", description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(prog="nnx_demo", description=__doc__.strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny phantom, a few iterations (about 2 minutes)")
     p.add_argument("--trainer", default="RotNPCTrainer", help="plugin trainer to compare (default RotNPCTrainer)")
     p.add_argument("--workspace", default=None, help="workspace folder (default: nnUNet_* env vars, else "

@@ -6,6 +6,7 @@ prints ``<prog>: error: <line>`` to stderr and exits non-zero, without a traceba
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -22,6 +23,13 @@ class NNXError(Exception):
         self.path = os.fspath(path) if path is not None else None
         self.message = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors as one-line :class:`NNXError` (printed by :func:`cli_entry`, exit code 2)."""
+
+    def error(self, message: str):
+        raise NNXError(f"{message} (see {self.prog} -h)")
 
 
 def _one_line(text: str) -> str:

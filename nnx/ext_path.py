@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from nnx.errors import cli_entry
+from nnx.errors import ArgumentParser, cli_entry
 
 SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_nnunet_ext")
 
@@ -17,8 +17,7 @@ def ensure_ext_trainer_env() -> None:
 
 @cli_entry("nnx_ext_path")
 def main(argv):
-    import argparse
-    p = argparse.ArgumentParser(prog="nnx_ext_path", description=(
+    p = ArgumentParser(prog="nnx_ext_path", description=(
         "Print the folder that makes nnx trainers visible to stock nnU-Net: "
         "export nnUNet_extTrainer=$(nnx_ext_path)"))
     p.parse_args(argv)

@@ -22,10 +22,12 @@ def pick_device(name: Optional[str]):
         raise NNXError("-device mps requested but MPS is not available")
     if name == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    elif name == "cuda":
+    elif name == "cuda":  # as nnUNetv2_train does: the GPU does the work, data augmentation has its own workers
         torch.set_num_threads(1)
-        torch.set_num_interop_threads(1) if not getattr(pick_device, "_interop_set", False) else None
-        pick_device._interop_set = True
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # can only be set once per process, before parallel work started
+            pass
     return torch.device(name)
 
 

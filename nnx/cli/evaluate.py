@@ -4,16 +4,15 @@ Writes the stock ``summary.json`` schema (readable by nnU-Net's ``load_summary_j
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, NNXError, cli_entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnx_evaluate", description="Evaluate predictions against reference labels.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nnx_evaluate", description="Evaluate predictions against reference labels.")
     p.add_argument("-ref", required=True, help="folder with reference segmentations")
     p.add_argument("-pred", required=True, help="folder with predicted segmentations")
     g = p.add_mutually_exclusive_group(required=True)

@@ -6,18 +6,17 @@ original trainer name is kept as ``nnx_trainer_name`` for provenance.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, NNXError, cli_entry
 
 STOCK_TRAINER = "nnUNetTrainer"
 KEEP_KEYS = ("network_weights", "init_args", "current_epoch", "inference_allowed_mirroring_axes", "_best_ema")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnx_export", description="Export a trained model to a plain nnU-Net model folder.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nnx_export", description="Export a trained model to a plain nnU-Net model folder.")
     p.add_argument("-d", required=True, help="dataset name or id")
     p.add_argument("-c", required=True, help="configuration")
     p.add_argument("-f", nargs="+", required=True, help="fold(s) to export")

@@ -5,19 +5,18 @@ lands, the plans are nnU-Net's own (``ExperimentPlanner``; ``-pl ResEncM|ResEncL
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import time
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, NNXError, cli_entry
 
 PLANNERS = {"default": "ExperimentPlanner", "ResEncM": "nnUNetPlannerResEncM",
             "ResEncL": "nnUNetPlannerResEncL", "ResEncXL": "nnUNetPlannerResEncXL"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnx_plan", description="Check, fingerprint, plan and preprocess datasets.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nnx_plan", description="Check, fingerprint, plan and preprocess datasets.")
     p.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s)")
     p.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"],
                    help="configurations to preprocess (default: 2d 3d_fullres 3d_lowres)")

@@ -5,17 +5,16 @@ into place when they are complete, so an interrupted run never leaves half-writt
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, NNXError, cli_entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnx_predict", description="Predict a folder of images with a trained model.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nnx_predict", description="Predict a folder of images with a trained model.")
     p.add_argument("-i", required=True, help="input folder (CASE_XXXX.nii.gz files, like imagesTs)")
     p.add_argument("-o", required=True, help="output folder")
     p.add_argument("-d", required=True, help="dataset name or id")

@@ -6,14 +6,13 @@ the trainer's declared ones before anything is written, and passes them on throu
 """
 from __future__ import annotations
 
-import argparse
 import os
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, NNXError, cli_entry
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnx_train", description="Train a registered trainer with nnU-Net's run_training.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nnx_train", description="Train a registered trainer with nnU-Net's run_training.")
     p.add_argument("dataset_name_or_id", help="dataset name or id")
     p.add_argument("configuration", help="configuration, e.g. 3d_fullres")
     p.add_argument("fold", help="fold 0-4 or 'all'")

@@ -1,10 +1,9 @@
 """``nnx_trainers``: list the registered trainers (name, summary, source, requirements, options, memory profile)."""
 from __future__ import annotations
 
-import argparse
 import json
 
-from nnx.errors import cli_entry
+from nnx.errors import ArgumentParser, cli_entry
 
 
 def _fmt_value(v):
@@ -13,7 +12,7 @@ def _fmt_value(v):
 
 @cli_entry("nnx_trainers")
 def main(argv):
-    p = argparse.ArgumentParser(prog="nnx_trainers", description="List the trainers registered in the "
+    p = ArgumentParser(prog="nnx_trainers", description="List the trainers registered in the "
                                 "'nnx.trainers' entry-point group (nnx plugins and third-party packages).")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.add_argument("names", nargs="*", help="only these trainers")

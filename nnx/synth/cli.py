@@ -1,23 +1,17 @@
 """``nnx_synth``: write a phantom nnU-Net raw dataset with annotation tiers."""
 from __future__ import annotations
 
-import argparse
 from typing import Optional, Sequence
 
-from nnx.errors import NNXError, cli_entry
+from nnx.errors import ArgumentParser, cli_entry
 
 PROG = "nnx_synth"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line via cli_entry instead of usage + message
-        raise NNXError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     from nnx.synth.dataset import PET_MODES, PRESETS, TASKS
 
-    p = _Parser(prog=PROG, description="Write a phantom nnU-Net raw dataset ($nnUNet_raw/DatasetXXX_Name) with "
+    p = ArgumentParser(prog=PROG, description="Write a phantom nnU-Net raw dataset ($nnUNet_raw/DatasetXXX_Name) with "
                                        "organs, lesions, lesion mimics, CT (+PET) and the nnx annotation tiers.")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="dataset ID (1..999)")
     p.add_argument("-n", "--name", default=None, help="dataset name (default Phantom<Preset>)")
