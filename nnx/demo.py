@@ -53,8 +53,7 @@ def train_briefly(dataset_name: str, trainer_name: str, plans: str, epochs: int,
     os.environ[nnx_options.SOURCE_ENV_VAR] = "nnx_demo"
     trainer = get_trainer_from_args(dataset_name, "3d_fullres", 0, trainer_name, plans, False, device)
     if not is_nnx_trainer(cls):
-        nnx_options.apply(trainer, values)
-        nnx_options.write_config(trainer.output_folder, trainer_name, values, "nnx_demo")
+        nnx_options.apply(trainer, values, "nnx_demo")
     t0 = time.time()
     trainer.run_training()
     wall = time.time() - t0

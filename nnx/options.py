@@ -105,14 +105,17 @@ def options_from_env(trainer_cls: type) -> Dict[str, Any]:
     return resolve(trainer_cls, parse_opts_string(os.environ.get(ENV_VAR, "")), ENV_VAR)
 
 
-def apply(trainer: Any, values: Mapping[str, Any]) -> None:
-    """Write attribute-backed options onto a trainer instance and keep all values in ``trainer.nnx_opts``."""
+def apply(trainer: Any, values: Mapping[str, Any], source: str) -> None:
+    """Write attribute-backed options onto a trainer instance, keep all values in ``trainer.nnx_opts`` and record
+    them (with ``source``) in ``<output_folder>/nnx_config.json`` on rank 0."""
     declared = declared_options(type(trainer))
     for key, val in values.items():
         attr = declared[key].attr if key in declared else None
         if attr:
             setattr(trainer, attr, val)
     trainer.nnx_opts = dict(values)
+    if getattr(trainer, "local_rank", 0) == 0 and getattr(trainer, "output_folder", None) is not None:
+        write_config(trainer.output_folder, type(trainer).__name__, values, source)
 
 
 def write_config(output_folder: str, trainer_name: str, values: Mapping[str, Any], source: str,

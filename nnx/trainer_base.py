@@ -56,11 +56,9 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         values = nnx_options.options_from_env(type(self))  # raises before any folder is created
         super().__init__(plans, configuration, fold, dataset_json, device)
-        nnx_options.apply(self, values)
-        if self.local_rank == 0 and self.output_folder is not None:
-            source = os.environ.get(nnx_options.SOURCE_ENV_VAR) or (
-                nnx_options.ENV_VAR if os.environ.get(nnx_options.ENV_VAR) else "defaults")
-            nnx_options.write_config(self.output_folder, type(self).__name__, values, source)
+        source = os.environ.get(nnx_options.SOURCE_ENV_VAR) or (
+            nnx_options.ENV_VAR if os.environ.get(nnx_options.ENV_VAR) else "defaults")
+        nnx_options.apply(self, values, source)
 
     def save_checkpoint(self, filename: str) -> None:
         extra = self.nnx_extra_state()

@@ -47,7 +47,7 @@ def collect_raw_options(args) -> dict:
     return raw
 
 
-def _patch_options_for_stock_trainers(values: dict, trainer_name: str) -> None:
+def _patch_options_for_stock_trainers(values: dict) -> None:
     """Stock trainers do not read NNX_TRAINER_OPTS: apply the common options right after construction."""
     import nnunetv2.run.run_training as rt
     from nnx import options
@@ -56,9 +56,7 @@ def _patch_options_for_stock_trainers(values: dict, trainer_name: str) -> None:
 
     def get_trainer_with_options(*a, **kw):
         trainer = original(*a, **kw)
-        options.apply(trainer, values)
-        if trainer.local_rank == 0:
-            options.write_config(trainer.output_folder, trainer_name, values, "nnx_train")
+        options.apply(trainer, values, "nnx_train")
         return trainer
 
     rt.get_trainer_from_args = get_trainer_with_options
@@ -98,7 +96,7 @@ def main(argv):
     os.environ[options.ENV_VAR] = " ".join(f"{k}={v}" for k, v in raw.items())
     os.environ[options.SOURCE_ENV_VAR] = "nnx_train"
     if not is_nnx_trainer(trainer_cls):
-        _patch_options_for_stock_trainers(values, args.tr)
+        _patch_options_for_stock_trainers(values)
 
     from nnunetv2.run.run_training import run_training
     print(f"nnx_train: {args.tr} on {dataset_name} {args.configuration} fold {fold} "
