@@ -58,6 +58,12 @@ COMMON_OPTIONS: Dict[str, Option] = {
     "val_iters": Option(50, "validation iterations per epoch", int, attr="num_val_iterations_per_epoch"),
     "initial_lr": Option(1e-2, "initial learning rate", float, attr="initial_lr"),
     "save_every": Option(50, "write checkpoint_latest.pth every N epochs", int, attr="save_every"),
+    "labeled": Option("", "keep expert labels for N cases or X% of the fold's expert training cases "
+                      "(e.g. 4 or 10%); the others are demoted (see demote_to). Default: all", str,
+                      attr="nnx_labeled"),
+    "demote_to": Option("none", "tier of demoted cases: none (unlabeled), coarse (their coarseTr mask) or "
+                        "scribble (their scribblesTr file)", str, ("none", "coarse", "scribble"),
+                        attr="nnx_demote_to"),
 }
 
 

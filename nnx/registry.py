@@ -81,6 +81,14 @@ def inference_network_is_stock(cls: type) -> bool:
     return bool(getattr(cls, "nnx_inference_network_is_stock", True)) and same_builder
 
 
+def requirements(cls: type) -> dict:
+    """``nnx_requires`` with defaults filled in (stock trainers: every labeled tier, no extra entries)."""
+    from nnx.trainer_base import DEFAULT_REQUIRES
+    req = dict(DEFAULT_REQUIRES)
+    req.update(getattr(cls, "nnx_requires", None) or {})
+    return {k: list(v) for k, v in req.items()}
+
+
 def describe(cls: type) -> Dict[str, Any]:
     """Everything ``nnx_trainers`` prints about a trainer (read from class attributes, no instantiation)."""
     from nnx.options import options_table
@@ -93,7 +101,7 @@ def describe(cls: type) -> Dict[str, Any]:
          (cls.__doc__ or "").strip().split("\n")[0]),
         "source": getattr(cls, "nnx_source", "") or ("nnU-Net v2 (Isensee et al., Nature Methods 2021)"
                                                       if baseline else ""),
-        "requires": dict(getattr(cls, "nnx_requires", None) or {"tiers": ["expert"], "inputs": ["images"]}),
+        "requires": requirements(cls),
         "options": options_table(cls),
         "memory_profile": memory_profile(cls),
         "inference_network_is_stock": inference_network_is_stock(cls),

@@ -6,7 +6,12 @@ instantiating it:
 
 ``nnx_summary``      one line shown by ``nnx_trainers``
 ``nnx_source``       source document / spec section
-``nnx_requires``     ``{"tiers": [...], "inputs": [...]}``: annotation tiers and inputs it needs
+``nnx_requires``     what it trains on (defaults in ``DEFAULT_REQUIRES``; see docs/dataset_format.md):
+                     ``tiers``  labeled tiers its labeled loader samples (``expert``, ``coarse``, ``scribble``);
+                     ``batch``  named entries in every batch: ``coarse``, ``scribbles``, ``train_only``, aux map
+                                names, and ``unlabeled`` (a separate image-only batch, ``unlabeled_batch_size``);
+                     ``inputs`` label entries appended one-hot to the network input, in training, validation
+                                and ``nnx_predict`` (which then needs them per test case)
 ``nnx_options``      ``{"key": Option(default, "help")}``: its own options (common ones are always there);
                      ranges and combinations are checked in the classmethod ``nnx_check_options``
 ``nnx_memory``       memory profile for planning (see :mod:`nnx.memory`)
@@ -19,13 +24,30 @@ Modules that must not reach inference (teachers, heads) live outside ``self.netw
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
+from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _stock_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnx import options as nnx_options
+from nnx.errors import NNXError
+
+DEFAULT_REQUIRES = {"tiers": ("expert", "coarse", "scribble"), "batch": (), "inputs": ()}
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    """Replace ``module.name`` for the duration of one stock call (the smallest hook nnU-Net leaves us)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 class nnxTrainerMixin:
@@ -33,15 +55,32 @@ class nnxTrainerMixin:
 
     nnx_summary: str = ""
     nnx_source: str = ""
-    nnx_requires: Dict[str, Any] = {"tiers": ["expert"], "inputs": ["images"]}
-    nnx_options: Dict[str, nnx_options.Option] = {}
+    nnx_requires: Dict[str, Any] = {}
+    nnx_options: Dict[str, nnx_options.Option] = {
+        "unlabeled_batch_size": nnx_options.Option(
+            0, "batch size of the unlabeled batch (trainers whose nnx_requires batch has 'unlabeled'); "
+               "0 = the labeled batch size", int, attr="nnx_unlabeled_batch_size"),
+    }
     nnx_memory: Dict[str, Any] = {}
     nnx_inference_network_is_stock: bool = True
 
     @classmethod
     def nnx_check_options(cls, values: Dict[str, Any], source: str) -> None:
         """Check option values beyond type and choices (ranges, combinations); raise NNXError(msg, source).
-        Called by :func:`nnx.options.resolve`, i.e. by nnx_train and before nnU-Net creates any folder."""
+        Called by :func:`nnx.options.resolve`, i.e. by nnx_train and before nnU-Net creates any folder.
+        Overrides should call ``super().nnx_check_options(values, source)``."""
+        from nnx.splits import parse_labeled
+        if values.get("unlabeled_batch_size", 0) < 0:
+            raise NNXError("option 'unlabeled_batch_size' must be >= 0", source)
+        try:
+            parse_labeled(values.get("labeled", ""))
+        except NNXError as e:
+            raise NNXError(e.message, source) from None
+
+    @classmethod
+    def nnx_requirements(cls) -> Dict[str, List[str]]:
+        from nnx.registry import requirements
+        return requirements(cls)
 
     def nnx_extra_state(self) -> Dict[str, Any]:
         """State of plugin-only modules to store in the checkpoint (key ``nnx_extra``). Override."""
@@ -59,17 +98,167 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
         source = os.environ.get(nnx_options.SOURCE_ENV_VAR) or (
             nnx_options.ENV_VAR if os.environ.get(nnx_options.ENV_VAR) else "defaults")
         nnx_options.apply(self, values, source)
+        self._nnx_fold = None
+        self._nnx_root = None
+        self._nnx_datasets = None
+
+    # -- data: tiers, splits, entries ------------------------------------------------------------------------------
+    def _nnx_spec(self):
+        from nnx.tiers import DatasetSpec
+        return DatasetSpec.from_dataset_json(self.dataset_json)
+
+    def _nnx_inputs(self) -> List[Tuple[str, List[int]]]:
+        spec = self._nnx_spec()
+        return [(n, spec.entry(n).foreground_values) for n in self.nnx_requirements()["inputs"]]
+
+    def _nnx_entries(self) -> Dict[str, str]:
+        """name -> kind of every entry in labeled batches (batch entries + inputs)."""
+        spec, req = self._nnx_spec(), self.nnx_requirements()
+        names = [n for n in list(req["batch"]) + list(req["inputs"]) if n != "unlabeled"]
+        return {n: spec.entry(n).kind for n in dict.fromkeys(names)}
+
+    def _nnx_uses_loader(self) -> bool:
+        req = self.nnx_requirements()
+        return bool(req["batch"] or req["inputs"] or (self._nnx_fold and self._nnx_fold.target_from))
+
+    def do_split(self):
+        if self._nnx_fold is not None:
+            return self._nnx_fold.train, self._nnx_fold.val
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnx.fold_data import SPLIT_FILE, ensure_tiered_splits, resolve_fold
+        from nnx.io_utils import atomic_write_json
+        spec = self._nnx_spec()
+        if self.fold != "all":
+            ids = infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(self.preprocessed_dataset_folder)
+            if ensure_tiered_splits(self.preprocessed_dataset_folder_base, ids, spec):
+                self.print_to_log_file("nnx: wrote splits_final.json with validation folds over expert cases")
+        tr, val = super().do_split()
+        fd = resolve_fold(spec, tr, val, self.fold, getattr(self, "nnx_labeled", ""),
+                          getattr(self, "nnx_demote_to", "none"), self.nnx_requirements()["tiers"])
+        self._nnx_fold = fd
+        if self.local_rank == 0:
+            atomic_write_json(fd.to_json(), os.path.join(self.output_folder, SPLIT_FILE))
+        by_tier = fd.to_json()["train_labeled_by_tier"]
+        self.print_to_log_file(f"nnx: labeled training cases {len(fd.train)} ({by_tier}), unlabeled "
+                               f"{len(fd.unlabeled)}, demoted {len(fd.demoted)} (labeled={fd.labeled_setting or 'all'},"
+                               f" demote_to={fd.demote_to}), validation {len(fd.val)}")
+        return fd.train, fd.val
+
+    def _nnx_extras_root(self) -> str:
+        if self._nnx_root is None:
+            from nnx.fold_data import check_extras
+            fd = self._nnx_fold
+            needed = set(self._nnx_entries()) | set(fd.target_from.values())
+            unl_entries = self._nnx_unlabeled_entries() if self._nnx_wants_unlabeled() else []
+            self._nnx_root = check_extras(self.preprocessed_dataset_folder, self.plans_manager.plans,
+                                          self.configuration_name, sorted(needed), fd.train + fd.val,
+                                          [c for c in fd.unlabeled if fd.spec.tier(c) == "none"])
+            if unl_entries:
+                check_extras(self.preprocessed_dataset_folder, self.plans_manager.plans, self.configuration_name,
+                             unl_entries, fd.unlabeled, [])
+        return self._nnx_root
+
+    def _nnx_wants_unlabeled(self) -> bool:
+        return "unlabeled" in self.nnx_requirements()["batch"]
+
+    def _nnx_unlabeled_entries(self) -> List[str]:
+        """Entries of the unlabeled batch: everything requested except annotations (unless they are inputs)."""
+        inputs = self.nnx_requirements()["inputs"]
+        return [n for n in self._nnx_entries() if n in inputs or n not in ("coarse", "scribbles")]
+
+    def get_tr_and_val_datasets(self):
+        tr, val = self.do_split()
+        if not self._nnx_uses_loader():
+            return super().get_tr_and_val_datasets()
+        from nnx.loading import ExtrasSource, nnxLabeledDataset
+        src = ExtrasSource(self._nnx_extras_root(), self._nnx_entries())
+        fd = self._nnx_fold
+        ds_tr = nnxLabeledDataset(self.preprocessed_dataset_folder, tr, self.folder_with_segs_from_previous_stage,
+                                  extras=src, target_from=fd.target_from, tiers=fd.tiers)
+        ds_val = nnxLabeledDataset(self.preprocessed_dataset_folder, val, self.folder_with_segs_from_previous_stage,
+                                   extras=src, tiers=fd.tiers)
+        self._nnx_datasets = (ds_tr, ds_val)
+        return ds_tr, ds_val
+
+    def _nnx_unlabeled_dataset(self):
+        from nnx.extras import UNLABELED
+        from nnx.loading import ExtrasSource, nnxUnlabeledDataset
+        fd = self._nnx_fold
+        if not fd.unlabeled:
+            raise NNXError(f"{type(self).__name__} needs unlabeled cases, but fold {self.fold} has none (tier 'none' "
+                           f"in the dataset, or a label-ratio setting such as --opt labeled=10%)")
+        root = self._nnx_extras_root()
+        sources = {c: (os.path.join(root, UNLABELED) if fd.spec.tier(c) == "none" else self.preprocessed_dataset_folder)
+                   for c in fd.unlabeled}
+        ents = {n: k for n, k in self._nnx_entries().items() if n in self._nnx_unlabeled_entries()}
+        return nnxUnlabeledDataset(sources, ExtrasSource(root, ents))
+
+    def get_dataloaders(self):
+        self.do_split()
+        if not self._nnx_uses_loader() and not self._nnx_wants_unlabeled():
+            return super().get_dataloaders()
+        from nnx.loading import nnxDataLoader
+        entries, inputs = self._nnx_entries(), self._nnx_inputs()
+        unl_ds = self._nnx_unlabeled_dataset() if self._nnx_wants_unlabeled() else None
+        trainer = self
+
+        def loader(dataset, batch_size, patch_size, final_patch_size, label_manager, **kw):
+            unl = None
+            if unl_ds is not None and trainer._nnx_datasets and dataset is trainer._nnx_datasets[0]:
+                ubs = getattr(trainer, "nnx_unlabeled_batch_size", 0) or batch_size
+                unl = nnxDataLoader(unl_ds, ubs, patch_size, final_patch_size, label_manager,
+                                    transforms=kw.get("transforms"), entries=unl_ds.extras.entries,
+                                    onehot_inputs=inputs, is_unlabeled=True)
+            return nnxDataLoader(dataset, batch_size, patch_size, final_patch_size, label_manager, **kw,
+                                 entries=entries, onehot_inputs=inputs, unlabeled=unl)
+
+        with _patched(_stock_trainer_module, "nnUNetDataLoader", loader):
+            return super().get_dataloaders()
+
+    # -- network inputs ----------------------------------------------------------------------------------------------
+    def initialize(self):
+        inputs = self._nnx_inputs() if not self.was_initialized else []
+        if not inputs:
+            return super().initialize()
+        extra = sum(len(v) for _, v in inputs)
+        stock_fn = _stock_trainer_module.determine_num_input_channels
+
+        def with_inputs(*a, **kw):
+            return stock_fn(*a, **kw) + extra
+
+        with _patched(_stock_trainer_module, "determine_num_input_channels", with_inputs):
+            super().initialize()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        inputs = self._nnx_inputs()
+        if not inputs:
+            return super().perform_actual_validation(save_probabilities)
+        from nnx.loading import LABEL, ExtrasSource, nnxLabeledDataset
+        self.do_split()
+        src = ExtrasSource(self._nnx_extras_root(), {n: LABEL for n, _ in inputs})
+        old = self.dataset_class
+        self.dataset_class = functools.partial(nnxLabeledDataset, extras=src, onehot_inputs=inputs)
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = old
 
     def save_checkpoint(self, filename: str) -> None:
         extra = self.nnx_extra_state()
-        if not extra:
+        inputs = self._nnx_inputs()
+        if not extra and not inputs:
             return super().save_checkpoint(filename)
         # build the checkpoint once, with the extra state, instead of rewriting the file
         orig_save = torch.save
+        add = {"nnx_trainer_name": type(self).__name__}
+        if extra:
+            add["nnx_extra"] = extra
+        if inputs:  # what nnx_predict must append to the images, in this order
+            add["nnx_inputs"] = [{"name": n, "values": list(v)} for n, v in inputs]
 
         def save_with_extra(obj, f, *a, **kw):
             if isinstance(obj, dict) and "network_weights" in obj:
-                obj = dict(obj, nnx_extra=extra, nnx_trainer_name=type(self).__name__)
+                obj = dict(obj, **add)
             return orig_save(obj, f, *a, **kw)
 
         torch.save = save_with_extra

@@ -31,6 +31,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("-nps", type=int, default=0, help="export workers (0 = sequential, default)")
     p.add_argument("-device", default=None, help="cuda | cpu | mps (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-inputs", nargs="+", default=[], metavar="NAME=FOLDER",
+                   help="inference inputs the model was trained with, e.g. coarse=coarseTs anatomy=anatomyTs "
+                        "(one CASE<file_ending> map per case of -i)")
     return p
 
 
@@ -51,18 +54,23 @@ def resolve_folds(folder: str, folds, checkpoint: str, explicit: bool):
 
 def predict_folder(input_folder: str, output_folder: str, model_dir: str, folds, checkpoint: str, device,
                    step_size: float = 0.5, tta: bool = True, save_probabilities: bool = False, npp: int = 0,
-                   nps: int = 0, progress: bool = True) -> list:
-    """Predict every case of ``input_folder`` into ``output_folder``; returns the list of written files."""
+                   nps: int = 0, progress: bool = True, inputs=None, input_folders=None, cases=None) -> list:
+    """Predict every case of ``input_folder`` into ``output_folder``; returns the list of written files.
+    ``inputs``/``input_folders``: the model's inference inputs (see :mod:`nnx.inference_inputs`)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnx import inference_inputs
     predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=tta,
                                 perform_everything_on_device=device.type == "cuda", device=device,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=progress)
-    predictor.initialize_from_trained_model_folder(model_dir, use_folds=tuple(folds), checkpoint_name=checkpoint)
+    inference_inputs.initialize_predictor(predictor, model_dir, folds, checkpoint, inputs or [])
     parent = os.path.dirname(os.path.abspath(output_folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp_nnx_predict_", dir=parent)
     try:
-        if npp > 0 or nps > 0:
+        if inputs:
+            items = inference_inputs.iterate_preprocessed(input_folder, cases, input_folders, inputs, predictor, tmp)
+            predictor.predict_from_data_iterator(items, save_probabilities, max(nps, 1))
+        elif npp > 0 or nps > 0:
             predictor.predict_from_files(input_folder, tmp, save_probabilities, True, max(npp, 1), max(nps, 1))
         else:
             predictor.predict_from_files_sequential(input_folder, tmp, save_probabilities, True)
@@ -95,6 +103,10 @@ def main(argv):
     cases = checks.check_image_folder(args.i, dataset_json, purpose="prediction input")
     if os.path.abspath(args.i) == os.path.abspath(args.o):
         raise NNXError("output folder must differ from the input folder", args.o)
+    from nnx import inference_inputs
+    folders = inference_inputs.parse_input_args(args.inputs)
+    inputs = inference_inputs.model_inputs(folder, folds, args.chk)
+    inference_inputs.check_input_folders(cases, args.i, folders, inputs, dataset_json["file_ending"])
     device = pick_device(args.device)
     from nnx.ext_path import ensure_ext_trainer_env
     ensure_ext_trainer_env()
@@ -102,7 +114,8 @@ def main(argv):
     print(f"nnx_predict: {len(cases)} case(s) with {args.tr} ({dataset_name}, {args.c}, folds {folds}, "
           f"device {device.type})")
     written = predict_folder(args.i, args.o, folder, folds, args.chk, device, args.step_size, not args.disable_tta,
-                             args.save_probabilities, args.npp, args.nps, progress=not args.quiet)
+                             args.save_probabilities, args.npp, args.nps, progress=not args.quiet,
+                             inputs=inputs, input_folders=folders, cases=cases)
     n = sum(1 for w in written if w.endswith(dataset_json["file_ending"]))
     print(f"nnx_predict: wrote {n} prediction(s) to {args.o} in {time.time() - t0:.1f} s")
     return 0

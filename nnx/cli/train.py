@@ -29,6 +29,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="option epochs")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="option iters_per_epoch")
     p.add_argument("--val-iters", type=int, default=None, help="option val_iters")
+    p.add_argument("--labeled", default=None, metavar="N|X%",
+                   help="option labeled: keep expert labels for N cases or X%% of the fold's expert training "
+                        "cases; demote the others (see --demote-to)")
+    p.add_argument("--demote-to", default=None, choices=["none", "coarse", "scribble"],
+                   help="option demote_to: tier of demoted cases (default none = unlabeled)")
     p.add_argument("--opt", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="trainer option(s), validated against the trainer's declared options (nnx_trainers)")
     return p
@@ -38,7 +43,7 @@ def collect_raw_options(args) -> dict:
     from nnx.options import parse_kv_list
     raw = parse_kv_list(args.opt, "--opt")
     for key, val in (("epochs", args.epochs), ("iters_per_epoch", args.iters_per_epoch),
-                     ("val_iters", args.val_iters)):
+                     ("val_iters", args.val_iters), ("labeled", args.labeled), ("demote_to", args.demote_to)):
         if val is not None:
             raw[key] = str(val)
     for key, val in raw.items():
@@ -57,9 +62,53 @@ def _patch_options_for_stock_trainers(values: dict) -> None:
     def get_trainer_with_options(*a, **kw):
         trainer = original(*a, **kw)
         options.apply(trainer, values, "nnx_train")
+        if values.get("labeled"):
+            _stock_label_ratio(trainer, values["labeled"], values.get("demote_to", "none"))
         return trainer
 
     rt.get_trainer_from_args = get_trainer_with_options
+
+
+def _stock_label_ratio(trainer, labeled: str, demote_to: str) -> None:
+    """A stock trainer can only learn from labelsTr: under a label-ratio setting it trains on the kept cases only
+    (the honest 'nnU-Net on N labeled cases' baseline). The fold's tiers go to fold_N/nnx_split.json."""
+    from nnx.fold_data import SPLIT_FILE, resolve_fold
+    from nnx.io_utils import atomic_write_json
+    from nnx.tiers import DatasetSpec
+    stock_do_split = trainer.do_split
+    cache = {}
+
+    def do_split():
+        if "fd" not in cache:
+            tr, val = stock_do_split()
+            fd = resolve_fold(DatasetSpec.from_dataset_json(trainer.dataset_json), tr, val, trainer.fold, labeled,
+                              demote_to, stock=True)
+            cache["fd"] = fd
+            if trainer.local_rank == 0:
+                atomic_write_json(fd.to_json(), os.path.join(trainer.output_folder, SPLIT_FILE))
+            trainer.print_to_log_file(f"nnx: labeled={labeled}: stock trainer keeps {len(fd.train)} labeled "
+                                      f"training cases ({len(fd.demoted)} demoted cases left out)")
+        return cache["fd"].train, cache["fd"].val
+
+    trainer.do_split = do_split
+
+
+def _ensure_splits(dataset_name: str) -> None:
+    """Datasets with non-expert tiers validate on expert cases only (written once, like nnU-Net's own split)."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnx.fold_data import ensure_tiered_splits
+    from nnx.tiers import DatasetSpec
+    base = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
+    spec = DatasetSpec.from_folder(base)
+    if not spec.has_block:
+        return
+    for sub in sorted(os.listdir(base)):
+        folder = os.path.join(base, sub)
+        if os.path.isdir(folder) and not sub.endswith("__nnx") and sub != "gt_segmentations" and os.listdir(folder):
+            ids = infer_dataset_class(folder).get_identifiers(folder)
+            if ensure_tiered_splits(base, ids, spec):
+                print(f"nnx_train: wrote {os.path.join(base, 'splits_final.json')} (folds over expert cases)")
+            return
 
 
 @cli_entry("nnx_train")
@@ -91,6 +140,8 @@ def main(argv):
         raise NNXError(f"options for the stock trainer {args.tr} are not supported with -num_gpus > 1")
     device = pick_device(args.device)
 
+    if args.fold != "all":
+        _ensure_splits(dataset_name)
     from nnx.ext_path import ensure_ext_trainer_env
     ensure_ext_trainer_env()
     os.environ[options.ENV_VAR] = " ".join(f"{k}={v}" for k, v in raw.items())

@@ -64,7 +64,7 @@ class RotNPCTrainer(nnxTrainer):
     nnx_summary = ("3DRotNPC: slice-rotation self-supervised pretext (encoder + rotation head) for the first "
                    "epochs, then segmentation fine-tuning of the whole U-Net, in one run")
     nnx_source = "Li 2026 thesis ch. 4 (3DRotNPC); spec shared/specs/000-li-thesis.md M2"
-    nnx_requires = {"tiers": ["expert"], "inputs": ["images"]}
+    nnx_requires = {"tiers": ["expert"]}
     nnx_options = {
         "pretrain_fraction": Option(0.25, "fraction of 'epochs' spent on the rotation pretext task (used when "
                                           "pretrain_epochs < 0); P = round(fraction * epochs)"),
@@ -87,6 +87,7 @@ class RotNPCTrainer(nnxTrainer):
 
     @classmethod
     def nnx_check_options(cls, values: Dict[str, Any], src: str) -> None:
+        super().nnx_check_options(values, src)
         if not 0.0 <= values["pretrain_fraction"] <= 1.0:
             raise NNXError(f"option 'pretrain_fraction' must be in [0, 1], got {values['pretrain_fraction']}", src)
         if not 0.0 < values["rotated_fraction"] <= 1.0:
