@@ -11,6 +11,9 @@ import sys
 import pytest
 
 TINY_ID = 901
+TIERED_ID = 902       # every annotation tier + PET as a train-only channel
+TIERED_PLAIN_ID = 903  # the same images and labelsTr as a plain nnU-Net dataset (no nnx block, no extra folders)
+TIERS = "expert=0.5,coarse=0.2,scribble=0.2,none=0.1"
 
 # before anything imports nnunetv2 (it reads these at import time): one worker process, no torch.compile
 os.environ["nnUNet_def_n_proc"] = "1"
@@ -53,6 +56,17 @@ def tiny_planned(tiny_dataset):
     from nnx.cli.plan import main
     assert main(["-d", str(TINY_ID), "-c", "3d_fullres", "-np", "1"]) == 0
     return tiny_dataset
+
+
+@pytest.fixture(scope="session")
+def tiered_planned(nnunet_env):
+    """A tiny phantom with expert, coarse, scribble and unlabeled cases, anatomy maps and a train-only PET
+    channel, planned and preprocessed (3d_fullres) through nnx_plan. Returns its dataset name."""
+    from nnx.cli.plan import main
+    from nnx.synth import make_dataset
+    report = make_dataset(TIERED_ID, preset="tiny", seed=3, tiers=TIERS, pet="train_only")
+    assert main(["-d", str(TIERED_ID), "-c", "3d_fullres", "-np", "1"]) == 0
+    return os.path.basename(report.folder)
 
 
 def run_cli(args, env=None, timeout=600):
