@@ -208,6 +208,27 @@ def _run_job(job: dict) -> dict:
         return {"error": (e.message, e.path)}
 
 
+POOL_MIN_VOXELS = 5e7  # voxels x entries below which one process beats starting a pool
+
+
+def _stock_voxels(base: str, pm, configurations) -> int:
+    total = 0
+    for cfg in configurations:
+        folder = os.path.join(base, pm.get_configuration(cfg).data_identifier)
+        if os.path.isdir(folder):
+            for f in os.listdir(folder):
+                if f.endswith(".b2nd") and not f.endswith("_seg.b2nd"):
+                    total += int(np.prod(open_array(os.path.join(folder, f[:-5])).shape[1:]))
+    return total
+
+
+def _warm_worker() -> None:
+    """Pool initializer: import what the jobs need once per worker, so that entry timings do not include it."""
+    import blosc2  # noqa: F401
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor  # noqa: F401
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: F401
+
+
 def _run_all(jobs: List[dict], pool) -> List[dict]:
     results = pool.map(_run_job, jobs, chunksize=1) if pool is not None else [_run_job(j) for j in jobs]
     for r in results:
@@ -273,7 +294,14 @@ def preprocess_extras(dataset_name: str, plans_identifier: str, configurations: 
     rw = pm.image_reader_writer_class()
     reports = {}
     tmp_folders: List[str] = []  # removed on any error, so nothing half-written stays behind
-    pool = multiprocessing.get_context("spawn").Pool(num_processes) if num_processes > 1 else None
+    # worker processes cost ~1.5 s each to start (imports): only worth it for enough voxels
+    voxels = _stock_voxels(base, pm, [c for c in configurations if c in plans["configurations"]])
+    use_pool = num_processes > 1 and voxels * max(1, len(spec.entries)) >= POOL_MIN_VOXELS
+    t_pool = time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(num_processes, initializer=_warm_worker) if use_pool else None
+    if pool is not None:  # wait until the workers are up, so that start-up is not billed to the first entry
+        pool.map(time.sleep, [0.05] * (4 * num_processes), chunksize=1)
+    pool_start = time.perf_counter() - t_pool
     try:
         for cfg in configurations:
             if cfg not in plans["configurations"]:
@@ -292,7 +320,9 @@ def preprocess_extras(dataset_name: str, plans_identifier: str, configurations: 
             common = {"plans": plans, "configuration": cfg, "dataset_json": dj}
             manifest = {"format_version": MANIFEST_VERSION, "configuration": cfg, "plans_identifier": plans_identifier,
                         "signature": plans_signature(plans, cfg), "labeled_cases": labeled,
-                        "tiers": spec.tiers, "entries": {}, "unlabeled": None}
+                        "tiers": spec.tiers, "entries": {}, "unlabeled": None,
+                        "pool_start_seconds": pool_start if not reports else 0.0,
+                        "num_processes": num_processes if use_pool else 1}
             # 1. unlabeled cases: images only, nnU-Net's own run_case (crop/normalise/resample), no seg anywhere
             unl_cases = spec.unlabeled_cases
             unl_root = os.path.join(raw, spec.unlabeled_folder or "imagesUnlabeledTr")

@@ -391,3 +391,44 @@ def test_inputs_trainer_trains_and_predicts_with_input_folders(tiered_planned, t
     r = run_cli(base + ["-inputs", f"coarse={raw}/coarseTs", f"anatomy={bad}"], env)
     assert r.returncode == 2 and os.path.basename(victim) in r.stderr and "spacing" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_label_map_follows_its_image_through_crop_and_resampling(tiered_planned, tmp_path):
+    """An anatomy map at another spacing than the plans' target: after nnU-Net's image pipeline (crop to nonzero,
+    resampling) and nnx's label pipeline, map and image still coincide and every label ID survives."""
+    import copy
+    import SimpleITK as sitk
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnx.extras import prepare_label_map
+    pp = os.path.join(os.environ["nnUNet_preprocessed"], tiered_planned)
+    plans = copy.deepcopy(load_json(os.path.join(pp, "nnUNetPlans.json")))
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg.update(spacing=[2.0, 1.3, 1.3], normalization_schemes=["NoNormalization"], use_mask_for_norm=[False])
+    pm = PlansManager(plans)
+    cm = pm.get_configuration("3d_fullres")
+    dj = load_json(os.path.join(pp, "dataset.json"))
+    dj["channel_names"] = {"0": "noNorm"}
+    shape = (24, 60, 70)  # z, y, x at spacing (x, y, z) = (0.9, 0.9, 3.0); zero margin -> nnU-Net crops it
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    lab = np.zeros(shape, np.uint8)
+    for k, (cz, cy, cx, r) in enumerate([(12, 30, 20, 11), (12, 28, 48, 9), (8, 40, 35, 6)], start=1):
+        lab[((zz - cz) * 3.0) ** 2 + ((yy - cy) * 0.9) ** 2 + ((xx - cx) * 0.9) ** 2 <= r * r] = k
+    img = lab.astype(np.float32) * 100
+    img[4:20, 5:55, 5:65] += 1  # body: nonzero box, so the crop removes the margin
+    paths = {}
+    for n, a in (("img", img), ("lab", lab)):
+        im = sitk.GetImageFromArray(a)
+        im.SetSpacing((0.9, 0.9, 3.0))
+        paths[n] = str(tmp_path / f"{n}.nii.gz")
+        sitk.WriteImage(im, paths[n])
+    data, _, props = cm.preprocessor_class(verbose=False).run_case([paths["img"]], None, pm, cm, dj)
+    assert tuple(props["shape_after_cropping_and_before_resampling"]) != tuple(data.shape[1:])  # really resampled
+    raw, _ = pm.image_reader_writer_class().read_seg(paths["lab"])
+    seg = prepare_label_map(raw, props, data.shape[1:], pm, cm, paths["lab"])
+    assert seg.shape == (1, *data.shape[1:])
+    assert set(np.unique(seg)) == {0, 1, 2, 3}
+    from_image = np.clip(np.round((data[0] - 1) / 100), 0, 3).astype(int)
+    for k in (1, 2, 3):
+        a, b = seg[0] == k, from_image == k
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9, k
