@@ -8,6 +8,8 @@ Public functions
 * :func:`resolve_dataset` -- id or name -> ``DatasetXXX_Name`` (searches the nnU-Net folders).
 * :func:`load_dataset_json` -- ``dataset.json`` keys, labels, ``numTraining``.
 * :func:`check_raw_dataset` -- a whole raw dataset (``imagesTr``/``labelsTr`` or the ``"dataset"`` key).
+* :func:`check_nnx_block` -- the ``"nnx"`` block of dataset.json: annotation tiers and auxiliary inputs
+  (contract: docs/dataset_format.md); :func:`check_raw_dataset` runs it when the block is present.
 * :func:`check_image_folder` -- an inference input folder.
 * :func:`check_prediction_folder` -- predictions vs references for evaluation.
 * :func:`read_image` / :func:`read_geometry` -- the single place where image files are read.
@@ -47,6 +49,7 @@ __all__ = [
     "load_dataset_json",
     "declared_labels",
     "check_raw_dataset",
+    "check_nnx_block",
     "check_image_folder",
     "check_prediction_folder",
     "read_image",
@@ -558,15 +561,17 @@ def _geometry_difference(g: Geometry, ref: Geometry) -> Optional[Tuple[str, tupl
     return None
 
 
-def _check_same_geometry(path: str, g: Geometry, ref_path: str, ref: Geometry, ref_role: str) -> None:
+def _check_same_geometry(path: str, g: Geometry, ref_path: str, ref: Geometry, ref_role: str,
+                         what: Optional[str] = None) -> None:
     diff = _geometry_difference(g, ref)
     if diff is not None:
         field, a, b = diff
-        raise NNXError(f"{field} {_fmt_tuple(a)} != {ref_role} {field} {_fmt_tuple(b)} ({os.path.basename(ref_path)})",
-                       path)
+        subject = f"{what} " if what else ""
+        raise NNXError(f"{subject}{field} {_fmt_tuple(a)} != {ref_role} {field} {_fmt_tuple(b)} "
+                       f"({os.path.basename(ref_path)})", path)
 
 
-def _check_finite(path: str, arr: np.ndarray) -> None:
+def _check_finite(path: str, arr: np.ndarray, what: str = "image") -> None:
     if arr.dtype.kind not in "fc":
         return
     finite = np.isfinite(arr)
@@ -579,7 +584,7 @@ def _check_finite(path: str, arr: np.ndarray) -> None:
         parts.append(f"{n_nan} NaN voxel{'s' if n_nan != 1 else ''}")
     if n_inf:
         parts.append(f"{n_inf} inf voxel{'s' if n_inf != 1 else ''}")
-    raise NNXError(f"image contains {' and '.join(parts)} (of {arr.size}); replace them with finite values", path)
+    raise NNXError(f"{what} contains {' and '.join(parts)} (of {arr.size}); replace them with finite values", path)
 
 
 def _label_values(path: str, arr: np.ndarray, role: str = "label") -> List[int]:
@@ -615,33 +620,55 @@ def _label_values(path: str, arr: np.ndarray, role: str = "label") -> List[int]:
 
 
 def _check_group(job: dict) -> Tuple[str, Any]:
-    """Check one case: ``job['files']`` = list of (path, kind, declared) with kind in image/label/prediction.
+    """Check one case: ``job['files']`` = list of ``(path, kind, declared)`` or ``(path, kind, declared, opts)``
+    with kind in image/label/prediction/reference.
 
-    The first file is the geometry reference (role ``job['ref_role']``). Returns ``("ok", info)`` or
-    ``("error", (message, path))`` so that it can run in a spawn pool.
+    The first file is the geometry reference (role ``job['ref_role']``). ``opts`` (optional, used for the inputs of
+    the ``nnx`` block) may hold: ``role`` (what the file is, used in messages, e.g. ``"coarse mask"``),
+    ``declared_in`` (where ``declared`` comes from, e.g. ``"the task's labels"``), ``header`` (read the geometry
+    only), ``collect`` (add the values to the job's ``label_values``; default: only files without a role) and
+    ``checks``: ``(op, value, message)`` with op ``has`` (the value must occur), ``lacks`` (it must not; ``{n}``
+    in the message becomes the voxel count) or ``has_other`` (some other value must occur). Returns
+    ``("ok", info)`` or ``("error", (message, path))`` so that it can run in a spawn pool.
     """
     try:
         ref_path = ref_geom = None
         values: set = set()
-        for path, kind, declared in job["files"]:
-            if job.get("header_only"):
+        for spec in job["files"]:
+            path, kind, declared = spec[:3]
+            opts = spec[3] if len(spec) > 3 else {}
+            role = opts.get("role")
+            if job.get("header_only") or opts.get("header"):
                 arr, geom = None, read_geometry(path)
             else:
                 arr, geom = read_image(path)
             if ref_path is None:
                 ref_path, ref_geom = path, geom
             else:
-                _check_same_geometry(path, geom, ref_path, ref_geom, job.get("ref_role", "image"))
+                _check_same_geometry(path, geom, ref_path, ref_geom, job.get("ref_role", "image"), what=role)
             if arr is None:
                 continue
             if kind == "image":
-                _check_finite(path, arr)
+                _check_finite(path, arr, role or "image")
             else:
-                found = _label_values(path, arr, role=kind)
-                values.update(found)
+                found = _label_values(path, arr, role=role or kind)
+                if opts.get("collect", role is None):
+                    values.update(found)
+                for op, v, msg in opts.get("checks", ()):
+                    if op == "has" and v not in found:
+                        raise NNXError(msg, path)
+                    if op == "lacks" and v in found:
+                        n = int(np.count_nonzero(arr == v))
+                        raise NNXError(msg.replace("{n}", f"{n} voxel{'s' if n != 1 else ''}"), path)
+                    if op == "has_other" and not set(found) - {v}:
+                        raise NNXError(msg, path)
                 if declared is not None:
                     bad = sorted(set(found) - set(declared))
                     if bad:
+                        if role:
+                            raise NNXError(f"{role} values {bad} not declared in "
+                                           f"{opts.get('declared_in', 'dataset.json labels')} {_fmt_set(declared)}",
+                                           path)
                         raise NNXError(f"{kind} values {bad} not declared in dataset.json labels {_fmt_set(declared)}",
                                        path)
         return "ok", {"case": job.get("case"), "label_values": sorted(values),
@@ -741,7 +768,8 @@ def check_raw_dataset(folder: str, num_processes: int = 1, check_all_cases: bool
 
     Summary keys: ``folder``, ``dataset``, ``cases`` (count), ``case_ids``, ``channels``, ``channel_names``,
     ``file_ending``, ``labels`` (declared values incl. ignore), ``label_values_found``, ``fully_read_cases``,
-    ``time`` (seconds).
+    ``time`` (seconds); ``nnx`` (see :func:`check_nnx_block`) when dataset.json has an ``"nnx"`` block, whose
+    files are checked in the same per-case jobs.
     """
     t0 = time.perf_counter()
     folder = os.fspath(folder)
@@ -749,15 +777,24 @@ def check_raw_dataset(folder: str, num_processes: int = 1, check_all_cases: bool
         raise NNXError("raw dataset folder not found", folder)
     dj = load_dataset_json(folder)
     channel_names = _channel_names(dj, os.path.join(folder, "dataset.json"))
+    spec = _nnx_precheck(folder, dj) if "nnx" in dj else None
     cases = _training_cases(folder, dj)
+    plan = _nnx_plan(folder, dj, spec, cases) if spec is not None else None
     declared = declared_labels(dj["labels"], include_ignore=True)
     jobs = []
     for i, (case, (images, label)) in enumerate(cases.items()):
         files = [(p, "image", None) for p in images] + [(label, "label", declared)]
+        if plan is not None:  # the nnx inputs of the case join its job: every file is read once
+            files[-1] = (label, "label", declared, plan["label_opts"].get(case, {}))
+            files += plan["extra_files"].get(case, [])
         jobs.append({"case": case, "files": files, "ref_role": "image",
                      "header_only": not check_all_cases and i > 0})
-    results = _run_jobs(jobs, num_processes)
+    if plan is not None:  # unlabeled and test cases: jobs of their own (their images are the reference)
+        for job in plan["jobs"]:
+            jobs.append(dict(job, header_only=not check_all_cases and len(jobs) > 0))
+    results = _run_jobs(jobs, num_processes)[:len(cases)]
     found = sorted(set().union(*[set(r["label_values"]) for r in results])) if results else []
+    extra = {"nnx": plan["summary"]} if plan is not None else {}
     return {
         "folder": folder,
         "dataset": os.path.basename(os.path.normpath(folder)),
@@ -769,8 +806,281 @@ def check_raw_dataset(folder: str, num_processes: int = 1, check_all_cases: bool
         "labels": declared,
         "label_values_found": found,
         "fully_read_cases": len(cases) if check_all_cases else min(1, len(cases)),
+        **extra,
         "time": time.perf_counter() - t0,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4b. the nnx block: annotation tiers and auxiliary inputs (contract: docs/dataset_format.md)
+# ----------------------------------------------------------------------------------------------------------------------
+def _nnx_precheck(folder: str, dj: dict):
+    """Parse the ``nnx`` block and check what must be reported before the imagesTr/labelsTr pairing is: the
+    declarations (scribble tier needs ``ignore``, scribbles ignore value) and that tier ``none`` cases are neither
+    in imagesTr nor have a label file (else the generic pairing errors would hide the real problem)."""
+    from nnx.tiers import DatasetSpec
+    json_path = os.path.join(folder, "dataset.json")
+    spec = DatasetSpec.from_dataset_json(dj, json_path)
+    fe = dj["file_ending"]
+    labels = dj["labels"]
+    scribble_cases = spec.cases_of("scribble")
+    if scribble_cases and "ignore" not in labels:
+        n = len(scribble_cases)
+        raise NNXError(f"nnx.tiers has {n} scribble-tier case{'s' if n != 1 else ''} "
+                       f"({_fmt_list(scribble_cases, 3)}) but 'labels' declares no \"ignore\" value (scribble labels "
+                       f"mark every unannotated voxel with it; nnU-Net's rule: ignore = max label + 1)", json_path)
+    sc = spec.entries.get("scribbles")
+    if sc is not None:
+        if "ignore" in labels and sc.ignore_value != int(labels["ignore"]):
+            raise NNXError(f"nnx.scribbles.ignore_value is {sc.ignore_value} but 'labels' ignore is "
+                           f"{int(labels['ignore'])}; they must be equal", json_path)
+        if sc.ignore_value in declared_labels(labels, include_ignore=False):
+            raise NNXError(f"nnx.scribbles.ignore_value {sc.ignore_value} is also a task label value; the ignore "
+                           f"value must differ from every label (nnU-Net's rule: max label + 1)", json_path)
+    none_cases = set(spec.unlabeled_cases)
+    unl = spec.unlabeled_folder or "imagesUnlabeledTr"
+    images_tr = os.path.join(folder, "imagesTr")
+    if none_cases and "dataset" not in dj and os.path.isdir(images_tr):
+        for n in _visible_files(images_tr):
+            m = _CASE_RE.fullmatch(n[: -len(fe)]) if n.endswith(fe) else None
+            if m is not None and m.group("case") in none_cases:
+                raise NNXError(f"imagesTr case {m.group('case')!r} is tier none (unlabeled) in nnx.tiers; the images "
+                               f"of tier none cases belong in {unl}, not imagesTr", os.path.join(images_tr, n))
+    labels_tr = os.path.join(folder, "labelsTr")
+    if none_cases and os.path.isdir(labels_tr):
+        present = set(_visible_files(labels_tr))
+        bad = [c for c in sorted(none_cases) if c + fe in present]
+        if bad:
+            raise NNXError(f"unlabeled (tier none) case has a label file (case {bad[0]!r}; remove the file or change "
+                           f"the case's tier in nnx.tiers){_more(bad, 'more such cases')}",
+                           os.path.join(labels_tr, bad[0] + fe))
+    return spec
+
+
+def _entry_rules(entry, dj: dict) -> dict:
+    """How the files of one nnx entry are checked: role (for messages), declared values, requirements."""
+    labels = dj["labels"]
+    task = declared_labels(labels, include_ignore=False)
+    ignore = int(labels["ignore"]) if "ignore" in labels else None
+    if entry.name == "coarse":
+        checks_ = [] if ignore is None else [
+            ("lacks", ignore, f"coarse mask contains the ignore value {ignore} ({{n}}); coarse masks are dense and "
+                              f"use the task's labels only")]
+        return {"role": "coarse mask", "declared": task, "declared_in": "the task's labels", "checks": checks_,
+                "required": False, "where": "nnx.coarse"}
+    if entry.name == "scribbles":
+        iv = int(entry.ignore_value)
+        return {"role": "scribble label", "declared": sorted(set(task) | {iv}),
+                "declared_in": f"the task's labels plus the ignore value {iv}",
+                "checks": [("has", iv, f"scribble label has no ignore voxels (value {iv}); scribbles mark every "
+                                       f"unannotated voxel with the ignore value")],
+                "required": False, "where": "nnx.scribbles"}
+    if entry.kind == "label":
+        return {"role": f"{entry.name} map", "declared": sorted({int(v) for v in entry.labels.values()}),
+                "declared_in": f"nnx.aux_maps.{entry.name}.labels", "checks": [], "required": True,
+                "where": f"nnx.aux_maps.{entry.name}"}
+    return {"role": "train-only channel", "declared": None, "declared_in": None, "checks": [], "required": True,
+            "where": "nnx.train_only_channels"}
+
+
+def _file_spec(path: str, entry, rules: dict) -> tuple:
+    opts = {"role": rules["role"], "collect": False}
+    if entry.kind == "image":
+        return path, "image", None, opts
+    opts.update(declared_in=rules["declared_in"], checks=rules["checks"])
+    return path, "label", rules["declared"], opts
+
+
+def _entry_folder_cases(folder: str, sub: str, entry, fe: str, rules: dict, known: Mapping[str, Any],
+                        unknown: str) -> Dict[str, List[str]]:
+    """``{case: [files]}`` of one entry folder; every file must end with ``fe`` and belong to a known case."""
+    d = os.path.join(folder, sub)
+    if entry.kind == "image":
+        found = _scan_image_folder(d, fe, entry.num_channels, sub)
+    else:
+        names = _visible_files(d)
+        wrong = [n for n in names if not n.endswith(fe)]
+        if wrong:
+            raise NNXError(f"file does not end with file_ending {fe!r} from dataset.json"
+                           f"{_more(wrong, 'more such files')}", os.path.join(d, wrong[0]))
+        found = {n[: -len(fe)]: [os.path.join(d, n)] for n in names}
+    stray = [c for c in found if c not in known]
+    if stray:
+        raise NNXError(f"{rules['role']} file of unknown case {stray[0]!r}: {unknown}"
+                       f"{_more(stray, 'more such cases')}", found[stray[0]][0])
+    return found
+
+
+def _nnx_plan(folder: str, dj: dict, spec, cases: Mapping[str, Tuple[List[str], str]]) -> dict:
+    """Check names and presence of every file of the nnx block and build the jobs that read them.
+
+    Returns ``label_opts`` (``{imagesTr case: opts of its labelsTr file}``), ``extra_files`` (``{imagesTr case:
+    [file specs]}``, appended to the case's job), ``jobs`` (tier none and test cases, own reference images) and
+    ``summary``.
+    """
+    from nnx.tiers import TIERS
+    json_path = os.path.join(folder, "dataset.json")
+    fe = dj["file_ending"]
+    n_ch = len(_channel_names(dj, json_path))
+    tiers = spec.tiers
+    src = "imagesTr" if "dataset" not in dj else "'dataset'"
+
+    # -- declarations vs the case lists
+    no_tier = [c for c in cases if c not in tiers]
+    if no_tier:
+        raise NNXError(f"{src} case {no_tier[0]!r} has no tier in nnx.tiers (every training case needs "
+                       f"expert|coarse|scribble|none){_more(no_tier, 'more without a tier')}", json_path)
+    as_none = [c for c in cases if tiers[c] == "none"]
+    if as_none:
+        raise NNXError(f"{src} case {as_none[0]!r} is tier none (unlabeled) in nnx.tiers; tier none cases have no "
+                       f"label and their images belong in {spec.unlabeled_folder or 'imagesUnlabeledTr'}"
+                       f"{_more(as_none, 'more')}", json_path)
+    unl = spec.unlabeled_folder or "imagesUnlabeledTr"
+    unl_dir = os.path.join(folder, unl)
+    unl_images: Dict[str, List[str]] = {}
+    if os.path.isdir(unl_dir):
+        unl_images = _scan_image_folder(unl_dir, fe, n_ch, unl)
+        for c, files in unl_images.items():
+            t = tiers.get(c)
+            why = "has no tier in nnx.tiers" if t is None else f"is tier {t} in nnx.tiers"
+            if t != "none":
+                raise NNXError(f"{unl} case {c!r} {why}; only tier none (unlabeled) cases belong in {unl}", files[0])
+    none_cases = spec.unlabeled_cases
+    for c in none_cases:
+        if c not in unl_images:
+            where = unl if os.path.isdir(unl_dir) else f"{unl} (folder not found)"
+            raise NNXError(f"missing images of unlabeled (tier none) case {c!r}: nnx.tiers lists it but {where} has "
+                           f"no {c}_0000{fe}", os.path.join(unl_dir, f"{c}_0000{fe}"))
+    missing = [c for c, t in tiers.items() if t != "none" and c not in cases]
+    if missing:
+        c = missing[0]
+        raise NNXError(f"nnx.tiers lists case {c!r} (tier {tiers[c]}) but {src} has no images for it (only tier none "
+                       f"cases live in {unl}){_more(missing, 'more')}",
+                       os.path.join(folder, "imagesTr", f"{c}_0000{fe}") if "dataset" not in dj else json_path)
+
+    # -- the labelsTr file of each imagesTr case, by tier
+    labels = dj["labels"]
+    ignore = int(labels["ignore"]) if "ignore" in labels else None
+    label_opts: Dict[str, dict] = {}
+    for c in cases:
+        if tiers[c] == "scribble":
+            label_opts[c] = {"checks": [
+                ("has", ignore, f"scribble-tier label has no ignore voxels (value {ignore}): it looks dense; scribble "
+                                f"labels mark every unannotated voxel with the ignore value"),
+                ("has_other", ignore, f"scribble-tier label has no annotated voxels (every voxel is the ignore value "
+                                      f"{ignore})")]}
+        elif tiers[c] == "coarse" and ignore is not None:
+            label_opts[c] = {"checks": [
+                ("lacks", ignore, f"coarse-tier label contains the ignore value {ignore} ({{n}}); coarse labels are "
+                                  f"dense masks with the task's labels only")]}
+
+    # -- entry folders
+    train_refs = {c: files for c, (files, _) in cases.items()}
+    train_refs.update(unl_images)  # every training case -> its images (geometry reference)
+    extra: Dict[str, List[tuple]] = {c: [] for c in train_refs}
+    entries_summary: Dict[str, int] = {}
+    test_summary: Dict[str, int] = {}
+    images_ts = os.path.join(folder, "imagesTs")
+    test_cases: Optional[Dict[str, List[str]]] = None
+    if any(e.test_folder for e in spec.entries.values()) and os.path.isdir(images_ts):
+        test_cases = _scan_image_folder(images_ts, fe, n_ch, "imagesTs")
+    test_extra: Dict[str, List[tuple]] = {c: [] for c in (test_cases or {})}
+    standalone: List[dict] = []
+    for name, entry in spec.entries.items():
+        rules = _entry_rules(entry, dj)
+        n_files = 0
+        if entry.train_folder is not None:
+            d = os.path.join(folder, entry.train_folder)
+            if not os.path.isdir(d):
+                raise NNXError(f"{rules['role']} folder not found (declared in {rules['where']} of dataset.json)", d)
+            found = _entry_folder_cases(folder, entry.train_folder, entry, fe, rules, train_refs,
+                                        f"not a training case (neither in {src} nor a tier none case in "
+                                        f"nnx.tiers)")
+            for c in train_refs:
+                if c not in found:
+                    if rules["required"] and (entry.kind == "label" or c in cases):
+                        what = f"{rules['role']} file" if entry.kind == "label" else f"{rules['role']} file (channel 0)"
+                        raise NNXError(f"missing {what} of training case {c!r} ({rules['where']}: every "
+                                       f"{'training' if entry.kind == 'label' else src} case needs one)",
+                                       entry.train_files(folder, c, fe)[0])
+                    continue
+                extra[c] += [_file_spec(p, entry, rules) for p in found[c]]
+                n_files += len(found[c])
+        entries_summary[name] = n_files
+        if entry.test_folder is not None:
+            d = os.path.join(folder, entry.test_folder)
+            n_test = 0
+            if test_cases is not None:
+                if not os.path.isdir(d) and test_cases:
+                    raise NNXError(f"{rules['role']} test folder not found (declared in {rules['where']} of "
+                                   f"dataset.json; imagesTs has {len(test_cases)} cases and each needs one: it is an "
+                                   f"inference input)", d)
+                found = _entry_folder_cases(folder, entry.test_folder, entry, fe, rules, test_cases,
+                                            "imagesTs has no such case") if os.path.isdir(d) else {}
+                for c in test_cases:
+                    if c not in found:
+                        raise NNXError(f"missing {rules['role']} of test case {c!r} ({rules['where']}: every imagesTs "
+                                       f"case needs one; it is an inference input)",
+                                       os.path.join(d, c + fe))
+                    test_extra[c] += [_file_spec(p, entry, rules) for p in found[c]]
+                    n_test += len(found[c])
+            elif os.path.isdir(d):  # no imagesTs: the files are checked on their own (no geometry reference)
+                for n in _visible_files(d):
+                    p = os.path.join(d, n)
+                    if not n.endswith(fe):
+                        raise NNXError(f"file does not end with file_ending {fe!r} from dataset.json", p)
+                    standalone.append({"case": n[: -len(fe)], "files": [_file_spec(p, entry, rules)],
+                                       "ref_role": rules["role"]})
+                    n_test += 1
+            test_summary[name] = n_test
+
+    jobs = [{"case": c, "files": [(p, "image", None) for p in unl_images[c]] + extra[c], "ref_role": "image"}
+            for c in none_cases]
+    jobs += [{"case": c, "ref_role": "image",
+              "files": [(p, "image", None, {"header": True, "collect": False}) for p in test_cases[c]] + test_extra[c]}
+             for c in (test_cases or {}) if test_extra[c]]
+    jobs += standalone
+    counts = {t: 0 for t in TIERS}
+    for t in tiers.values():
+        counts[t] += 1
+    return {"label_opts": label_opts, "extra_files": {c: extra[c] for c in cases}, "jobs": jobs,
+            "summary": {"tiers": counts, "entries": entries_summary, "unlabeled": len(none_cases),
+                        "test_inputs": test_summary}}
+
+
+def check_nnx_block(folder: str, dj: Mapping[str, Any], cases: Mapping[str, Tuple[List[str], str]],
+                    num_processes: int = 1, check_all_cases: bool = True) -> dict:
+    """Validate the ``"nnx"`` block of dataset.json and every file it declares (contract: docs/dataset_format.md).
+
+    ``cases`` is ``{case: ([channel files], label file)}`` of the imagesTr cases (as built by
+    :func:`check_raw_dataset`). Checks: the block parses; every imagesTr case has a tier other than ``none``;
+    tier ``none`` cases have all their channels in the unlabeled folder and no label file; no undeclared cases
+    anywhere; scribble tier needs ``labels`` ignore, scribble-tier labels contain ignore and annotated voxels,
+    coarse-tier labels no ignore; coarse masks / scribbles / aux maps / train-only channels match their case's
+    image geometry, carry only declared values (scribbles also need ignore voxels), train-only channels are finite;
+    aux maps (every training case) and train-only channels (every imagesTr case) are required, and so are the test
+    inputs (coarse, aux maps) of every imagesTs case. :func:`check_raw_dataset` runs the same checks inside its
+    per-case jobs (each file read once); this function is the standalone form (it reads channel 0 headers as the
+    geometry reference and the labelsTr files for the tier checks).
+
+    Returns ``{"tiers": {tier: count}, "entries": {entry: train files checked}, "unlabeled": n,
+    "test_inputs": {entry: files checked}}``.
+    """
+    folder = os.fspath(folder)
+    dj = dict(dj)
+    spec = _nnx_precheck(folder, dj)
+    plan = _nnx_plan(folder, dj, spec, cases)
+    declared = declared_labels(dj["labels"], include_ignore=True)
+    jobs = []
+    for case, (images, label) in cases.items():
+        files = [(images[0], "image", None, {"header": True, "collect": False}),
+                 (label, "label", declared, plan["label_opts"].get(case, {}))] + plan["extra_files"].get(case, [])
+        jobs.append({"case": case, "files": files, "ref_role": "image"})
+    jobs += plan["jobs"]
+    for i, job in enumerate(jobs):
+        job["header_only"] = not check_all_cases and i > 0
+    _run_jobs(jobs, num_processes)
+    return plan["summary"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

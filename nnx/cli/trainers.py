@@ -41,7 +41,8 @@ def main(argv):
         if info["source"]:
             print(f"  source:    {info['source']}")
         req = info["requires"]
-        print(f"  requires:  tiers={','.join(req.get('tiers', []))}  inputs={','.join(req.get('inputs', []))}")
+        print(f"  requires:  tiers={','.join(req.get('tiers', []))}  batch={','.join(req.get('batch', [])) or '-'}"
+              f"  inputs={','.join(req.get('inputs', [])) or 'images only'}")
         mem = info["memory_profile"]
         extra = f" + {mem['extra_architectures']}" if mem.get("extra_architectures") else ""
         print(f"  memory:    activations x{mem['activation_factor']:g} + {mem['static_gb']:g} GB static{extra}")
