@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("-np", type=int, default=2, help="processes for stock and nnx preprocessing (default 2)")
     p.add_argument("--repeats", type=int, default=2, help="timing repeats; the minimum is reported (default 2)")
     p.add_argument("--workdir", default=None, help="nnUNet_* root (default: a temporary folder, removed)")
+    p.add_argument("--reuse", action="store_true", help="reuse the phantom already in --workdir (same id/preset)")
     args = p.parse_args(argv)
     root = args.workdir or tempfile.mkdtemp(prefix="nnx_bench_tiers_")
     for k in ("raw", "preprocessed", "results"):
@@ -49,10 +50,12 @@ def run(args) -> int:
     from nnx.synth import make_dataset
 
     t0 = time.time()
-    rep = make_dataset(args.id, preset=args.preset, seed=0, tiers="expert=0.5,coarse=0.2,scribble=0.2,none=0.1",
-                       pet="train_only", overwrite=True, num_processes=args.np)
-    name = os.path.basename(rep.folder)
-    print(f"phantom {name} ({args.preset}) written in {time.time() - t0:.1f} s")
+    name = f"Dataset{args.id:03d}_Phantom{args.preset.capitalize()}"
+    if not (args.reuse and os.path.isdir(os.path.join(os.environ["nnUNet_raw"], name))):
+        rep = make_dataset(args.id, preset=args.preset, seed=0, tiers="expert=0.5,coarse=0.2,scribble=0.2,none=0.1",
+                           pet="train_only", overwrite=True, num_processes=args.np)
+        name = os.path.basename(rep.folder)
+        print(f"phantom {name} ({args.preset}) written in {time.time() - t0:.1f} s")
     from nnx.cli.plan import _planning_safe_env
     with _planning_safe_env():  # nnU-Net planning crashes with nnUNet_n_proc_DA=0
         extract_fingerprints([args.id], num_processes=args.np, clean=True, verbose=False, show_progress_bar=False)
