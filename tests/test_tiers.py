@@ -432,3 +432,13 @@ def test_label_map_follows_its_image_through_crop_and_resampling(tiered_planned,
     for k in (1, 2, 3):
         a, b = seg[0] == k, from_image == k
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9, k
+
+
+def test_plan_without_preprocessing_writes_no_data(nnunet_env):
+    from nnx.cli.plan import main
+    from nnx.synth import make_dataset
+    name = os.path.basename(make_dataset(904, preset="tiny", seed=1, num_train=6, num_test=1).folder)
+    assert main(["-d", "904", "-c", "3d_fullres", "-np", "1", "--no-preprocess"]) == 0
+    base = os.path.join(os.environ["nnUNet_preprocessed"], name)
+    assert os.path.isfile(os.path.join(base, "nnUNetPlans.json"))
+    assert not [d for d in os.listdir(base) if d.startswith("nnUNetPlans_")]

@@ -62,8 +62,8 @@ def plan_dataset(dataset_name: str, configurations, planner: str = "default", gp
           f"{time.time() - t0:.1f} s)")
     n = num_processes or default_processes()
     dataset_id = int(dataset_name[7:10])
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                       preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as stock_preprocess
     with _planning_safe_env():
         if verify:
             from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
@@ -77,7 +77,7 @@ def plan_dataset(dataset_name: str, configurations, planner: str = "default", gp
             stock_seconds = {}
             for cfg in configurations:  # one at a time: the extras report compares with each one's time
                 t1 = time.perf_counter()
-                preprocess([dataset_id], plans_identifier, [cfg], [n], show_progress_bar=False)
+                stock_preprocess([dataset_id], plans_identifier, [cfg], [n], show_progress_bar=False)
                 stock_seconds[cfg] = time.perf_counter() - t1
             _preprocess_nnx_inputs(dataset_name, plans_identifier, configurations, n, stock_seconds,
                                    summary.get("case_ids", []))
