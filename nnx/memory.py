@@ -1,11 +1,27 @@
 """Memory profiles: how one training step of a trainer relates to one stock step of the planned network.
 
-A trainer declares ``nnx_memory = {"activation_factor": k, "static_gb": s, "extra_architectures": [...]}`` as a
-plain class attribute (planning never instantiates trainers). The stock trainer's profile is the identity.
+A trainer declares, as a plain class attribute (planning never instantiates trainers)::
+
+    nnx_memory = {"activation_factor": k,        # multiplier on the planned U-Net's activations
+                  "static_gb": s,                # parameters / optimizer state of extra modules
+                  "extra_architectures": [       # further networks whose estimates add up (same patch):
+                      {"feature_scale": 0.5,         #   the planned topology with scaled features, and/or
+                       "arch_kwargs": {...},         #   explicit overrides of the planned arch_kwargs, and/or
+                       "network_class_name": "...",  #   another network class (needs compute_conv_feature_map_size)
+                       "factor": 1.0}]}              #   multiplier on that estimate
+
+The stock trainer's profile is the identity. ``nnx_plan --calibrate`` measures the stock trainer and a trainer at
+two batch sizes of the same planned configuration, fits ``peak = static + per_sample * batch`` for both and stores
+``activation_factor = per_sample(trainer) / per_sample(stock)`` and ``static_gb = static(trainer) - static(stock)``
+per device kind in the calibration file (``$NNX_HOME/memory_calibration.json``, default ``~/.nnx``); planning then
+uses the measured factors for that device kind instead of the declared ones.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
 
 IDENTITY: Dict[str, Any] = {"activation_factor": 1.0, "static_gb": 0.0, "extra_architectures": []}
 
@@ -14,3 +30,68 @@ def memory_profile(cls: type) -> Dict[str, Any]:
     prof = dict(IDENTITY)
     prof.update(getattr(cls, "nnx_memory", None) or {})
     return prof
+
+
+def calibration_file() -> str:
+    home = os.environ.get("NNX_HOME") or os.path.join(os.path.expanduser("~"), ".nnx")
+    return os.path.join(home, "memory_calibration.json")
+
+
+def device_kind(device: str) -> str:
+    return "cpu" if str(device).startswith("cpu") else "cuda"
+
+
+def load_calibration() -> Dict[str, Any]:
+    p = calibration_file()
+    if not os.path.isfile(p):
+        return {}
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        from nnx.errors import NNXError
+        raise NNXError("calibration file is not valid JSON (delete it to start over)", p) from None
+
+
+def calibrated(trainer: str, device: str) -> Optional[Dict[str, Any]]:
+    return load_calibration().get(trainer, {}).get(device_kind(device))
+
+
+def store_calibration(trainer: str, device: str, entry: Dict[str, Any]) -> str:
+    from nnx.io_utils import atomic_write_json
+    data = load_calibration()
+    data.setdefault(trainer, {})[device_kind(device)] = dict(entry, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    atomic_write_json(data, calibration_file())
+    return calibration_file()
+
+
+def effective_profile(cls: type, device: str = "cuda") -> Tuple[Dict[str, Any], str]:
+    """The profile planning uses: calibrated factors for this device kind if measured, else the declared ones."""
+    prof = memory_profile(cls)
+    cal = calibrated(cls.__name__, device)
+    if cal:
+        prof.update({k: cal[k] for k in ("activation_factor", "static_gb") if k in cal})
+        return prof, f"calibrated ({device_kind(device)}, {cal.get('date', '?')})"
+    return prof, "declared"
+
+
+def fit_profile(stock_points, trainer_points) -> Dict[str, float]:
+    """Fit ``peak = static + per_sample * batch`` to two or more (batch, peak_gb) points of each trainer."""
+    import numpy as np
+
+    def line(points):
+        b = np.array([p[0] for p in points], dtype=float)
+        y = np.array([p[1] for p in points], dtype=float)
+        if len(set(b)) < 2:
+            return 0.0, float(y.mean() / b.mean())
+        slope, icpt = np.polyfit(b, y, 1)
+        return float(icpt), float(slope)
+
+    s0, a0 = line(stock_points)
+    s1, a1 = line(trainer_points)
+    if a0 <= 0:
+        from nnx.errors import NNXError
+        raise NNXError("stock trainer's memory did not grow with the batch size; cannot calibrate (measure on a "
+                       "larger configuration)")
+    return {"activation_factor": round(max(a1, 0.0) / a0, 3), "static_gb": round(max(s1 - s0, 0.0), 3),
+            "stock_per_sample_gb": round(a0, 4), "trainer_per_sample_gb": round(a1, 4)}

@@ -79,3 +79,28 @@ def run_cli(args, env=None, timeout=600):
 def nnx_cmd(module: str, *args: str):
     """``python -m nnx.cli.<module> args`` (same code as the console script, no PATH assumptions)."""
     return [sys.executable, "-m", f"nnx.cli.{module}", *args]
+
+
+def make_fingerprint_dataset(did: int, name: str, n_cases=40, spacing=(2.5, 0.8, 0.8), shape=(160, 400, 400),
+                             n_labels=3, channel="CT") -> str:
+    """A dataset that exists only as dataset.json + dataset_fingerprint.json (no images): enough for nnU-Net's
+    planners, so planning can be tested at realistic sizes in seconds. Needs nnUNet_raw/_preprocessed set."""
+    import json
+    full = f"Dataset{did:03d}_{name}"
+    raw = os.path.join(os.environ["nnUNet_raw"], full)
+    pp = os.path.join(os.environ["nnUNet_preprocessed"], full)
+    for d in (os.path.join(raw, "imagesTr"), os.path.join(raw, "labelsTr"), pp):
+        os.makedirs(d, exist_ok=True)
+    dj = {"channel_names": {"0": channel}, "labels": {"background": 0, **{f"c{i}": i for i in range(1, n_labels + 1)}},
+          "numTraining": n_cases, "file_ending": ".nii.gz", "overwrite_image_reader_writer": "SimpleITKIO",
+          "name": name, "dataset": {"case_000": {"images": ["imagesTr/case_000_0000.nii.gz"],
+                                                 "label": "labelsTr/case_000.nii.gz"}}}
+    fg = {"0": {"max": 1000.0, "mean": 100.0, "median": 90.0, "min": -1000.0, "percentile_00_5": -900.0,
+                "percentile_99_5": 900.0, "std": 200.0}}
+    fp = {"foreground_intensity_properties_per_channel": fg, "median_relative_size_after_cropping": 1.0,
+          "shapes_after_crop": [list(shape)] * n_cases, "spacings": [list(spacing)] * n_cases}
+    for path, obj in ((os.path.join(raw, "dataset.json"), dj), (os.path.join(pp, "dataset.json"), dj),
+                      (os.path.join(pp, "dataset_fingerprint.json"), fp)):
+        with open(path, "w") as f:
+            json.dump(obj, f)
+    return full
