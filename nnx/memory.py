@@ -95,3 +95,51 @@ def fit_profile(stock_points, trainer_points) -> Dict[str, float]:
                        "larger configuration)")
     return {"activation_factor": round(max(a1, 0.0) / a0, 3), "static_gb": round(max(s1 - s0, 0.0), 3),
             "stock_per_sample_gb": round(a0, 4), "trainer_per_sample_gb": round(a1, 4)}
+
+
+def _profile_cache_file() -> str:
+    return os.path.join(os.path.dirname(calibration_file()), "profile_cache.json")
+
+
+def declared_profile(name: str, cached_only: bool = False) -> Optional[Dict[str, Any]]:
+    """``memory_profile`` of a registered trainer, served from a small cache while the files of the trainer's
+    package (and nnx's version) are unchanged, so that planning does not have to import the trainer (importing
+    nnU-Net's trainer module costs seconds). ``cached_only``: None instead of importing on a cache miss."""
+    import hashlib
+    import importlib.util
+    from nnx import __version__
+    from nnx.registry import load_trainer, trainer_target
+    target = trainer_target(name)
+    module = target.split(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+        folder = os.path.dirname(spec.origin) if spec and spec.origin else None
+    except (ImportError, ValueError):
+        folder = None
+    key = None
+    if folder:
+        stamp = [(f, os.stat(os.path.join(folder, f)).st_mtime_ns, os.stat(os.path.join(folder, f)).st_size)
+                 for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+        key = hashlib.sha1(json.dumps([target, __version__, stamp]).encode()).hexdigest()
+    path = _profile_cache_file()
+    cache: Dict[str, Any] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    hit = cache.get(name)
+    if key and hit and hit.get("key") == key:
+        return dict(hit["profile"])
+    if cached_only:
+        return None
+    prof = memory_profile(load_trainer(name))
+    if key:
+        cache[name] = {"key": key, "profile": prof}
+        try:
+            from nnx.io_utils import atomic_write_json
+            atomic_write_json(cache, path)
+        except OSError:
+            pass  # a read-only home only costs the import next time
+    return prof

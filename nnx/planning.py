@@ -191,10 +191,7 @@ def plan_for_trainer(dataset_name: str, trainer: str, budget: Optional[float] = 
     """Plan ``dataset_name`` for ``trainer`` (fingerprint must exist). Writes and returns (identifier, plans)."""
     import contextlib
     import io
-    from nnx.memory import effective_profile
-    from nnx.registry import load_trainer
-    cls = load_trainer(trainer)
-    profile, source = effective_profile(cls, device)
+    profile, source = trainer_profile(trainer, device)
     budget = default_budget(preset) if budget is None else float(budget)
     if budget <= 0:
         raise NNXError(f"-gpu_memory_target must be > 0, got {budget:g}")
@@ -217,6 +214,39 @@ def plan_for_trainer(dataset_name: str, trainer: str, budget: Optional[float] = 
     _reuse_data_identifiers(dataset_name, name, plans)
     save_plans(dataset_name, name, plans)
     return name, plans
+
+
+def trainer_profile(trainer: str, device: str = "cuda") -> Tuple[Dict[str, Any], str]:
+    """The profile planning uses for a registered trainer. The stock trainer is the identity by definition (the
+    reference of every calibration), known without importing it."""
+    from nnx.memory import IDENTITY, calibrated, declared_profile, device_kind
+    from nnx.registry import BASELINE, trainer_target
+    if trainer == BASELINE:
+        trainer_target(trainer)
+        return dict(IDENTITY), "identity (stock trainer)"
+    prof = declared_profile(trainer)
+    cal = calibrated(trainer, device)
+    if cal:
+        prof.update({k: cal[k] for k in ("activation_factor", "static_gb") if k in cal})
+        return prof, f"calibrated ({device_kind(device)}, {cal.get('date', '?')})"
+    return prof, "declared"
+
+
+def preload_trainer(trainer: str) -> None:
+    """Import a trainer's module in a background thread (nnx_plan overlaps it with fingerprinting)."""
+    import threading
+    from nnx.memory import declared_profile
+    from nnx.registry import BASELINE, load_trainer
+    if trainer == BASELINE or declared_profile(trainer, cached_only=True) is not None:
+        return
+
+    def _load():
+        try:
+            load_trainer(trainer)
+        except Exception:  # noqa: BLE001 - reported properly when planning loads it again
+            pass
+
+    threading.Thread(target=_load, name="nnx-preload-trainer", daemon=True).start()
 
 
 def preprocessing_signature(plans: dict, cfg: dict) -> str:

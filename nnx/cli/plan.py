@@ -67,10 +67,12 @@ def plan_dataset(dataset_name: str, configurations, planner: str = "default", gp
     """Python API of nnx_plan. Returns the plans identifier."""
     from nnx import checks
     from nnx.cli.common import default_processes
-    from nnx.registry import load_trainer
+    from nnx.registry import trainer_target
 
     if trainer is not None:
-        load_trainer(trainer)  # unknown trainer -> clear error before any work
+        trainer_target(trainer)  # unknown trainer -> clear error before any work (no import)
+        from nnx.planning import preload_trainer
+        preload_trainer(trainer)  # its import overlaps with the checks and fingerprinting
     if gpu_memory_target is not None and gpu_memory_target <= 0:
         raise NNXError(f"-gpu_memory_target must be > 0 GB, got {gpu_memory_target:g}")
     nnx_mode = trainer is not None or gpu_memory_target is not None or device == "cpu" or measure or calibrate
