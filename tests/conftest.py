@@ -26,7 +26,8 @@ def nnunet_env(tmp_path_factory):
     """Session-wide nnUNet_raw/_preprocessed/_results in a temp dir (also exported to os.environ)."""
     root = tmp_path_factory.mktemp("nnunet")
     env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
-           "nnUNet_results": str(root / "results"), "nnUNet_def_n_proc": "1", "nnUNet_compile": "0"}
+           "nnUNet_results": str(root / "results"), "nnUNet_def_n_proc": "1", "nnUNet_compile": "0",
+           "NNX_HOME": str(root / "nnx_home")}  # calibration / profile cache: never the user's ~/.nnx
     for v in env.values():
         if os.sep in v:
             os.makedirs(v, exist_ok=True)

@@ -78,6 +78,11 @@ def plan_dataset(dataset_name: str, configurations, planner: str = "default", gp
     nnx_mode = trainer is not None or gpu_memory_target is not None or device == "cpu" or measure or calibrate
     if (measure or calibrate) and not preprocess:
         raise NNXError("--measure/--calibrate train on preprocessed data: drop --no-preprocess")
+    if (measure or calibrate) and device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise NNXError("--measure/--calibrate on cuda, but torch sees no CUDA device here; use -device cpu "
+                           "(CPU plans, CPU measurements) or run on a GPU machine")
     raw_folder = os.path.join(os.environ["nnUNet_raw"], dataset_name)
     t0 = time.time()
     summary = checks.check_raw_dataset(raw_folder, num_processes=1)
@@ -263,6 +268,7 @@ def calibrate_trainer(dataset_name, plans_identifier, trainer, device, steps) ->
 def print_table(dataset_name: str, preset: str, device: str) -> None:
     """Plans (3d_fullres) for every registered trainer at the table budgets, with measured memory where any."""
     import json
+    from nnx.memory import device_kind
     from nnx.planning import TABLE_BUDGETS, BudgetTooSmall, fullres_plan
     from nnx.registry import load_trainer, trainer_names
     base = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
@@ -272,6 +278,8 @@ def print_table(dataset_name: str, preset: str, device: str) -> None:
             try:
                 with open(os.path.join(base, f)) as fh:
                     pl = json.load(fh)
+                if not isinstance(pl, dict):
+                    continue
                 nx = pl.get("nnx") or {}
                 for cfg in pl.get("configurations", {}).values():
                     for m in (cfg.get("nnx_memory", {}).get("measured") or {}).values():
@@ -292,7 +300,7 @@ def print_table(dataset_name: str, preset: str, device: str) -> None:
                 print(f"  {name:<22}{bud:>6g}GB  {'does not fit':<16}")
                 continue
             m = [v for (t, bb, p, d), v in measured.items() if t == name and tuple(r["patch_size"]) == p
-                 and (device == "cpu" or bb == bud)]
+                 and device_kind(d) == device_kind(device) and (device == "cpu" or bb == bud)]
             lab = "cpu" if b is None else f"{bud:g}GB"
             print(f"  {name:<22}{lab:>8}  {'x'.join(map(str, r['patch_size'])):<16}{r['batch_size']:>6}"
                   f"{r['predicted_gb']:>14.2f}" + (f"{m[0]:>13.3f}" if m else f"{'-':>13}") + f"  {r['profile_source']}")
