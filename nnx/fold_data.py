@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from nnx.errors import NNXError
 from nnx.extras import UNLABELED, extras_folder, load_manifest, plans_signature

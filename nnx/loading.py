@@ -34,7 +34,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, nnUNetDatasetBlosc2
 
 from nnx.errors import NNXError
-from nnx.extras import UNLABELED, onehot, open_array
+from nnx.extras import onehot, open_array
 
 LABEL, IMAGE = "label", "image"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import pickle
 import shutil
 
 import numpy as np

@@ -42,7 +42,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    import numpy as np
     import torch
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                        preprocess)
