@@ -101,6 +101,12 @@ def resolve(trainer_cls: type, raw: Mapping[str, Any], source: str = "--opt") ->
             raise NNXError(f"unknown option '{key}' for trainer {trainer_cls.__name__} "
                            f"(known: {', '.join(sorted(declared))}){hint}", source)
         values[key] = declared[key].convert(key, val, source)
+    if values.get("labeled"):  # common option: checked for every trainer, stock ones included
+        from nnx.splits import parse_labeled
+        try:
+            parse_labeled(values["labeled"])
+        except NNXError as e:
+            raise NNXError(e.message, source) from None
     check = getattr(trainer_cls, "nnx_check_options", None)
     if check is not None:
         check(values, source)  # value ranges and combinations the trainer itself knows about

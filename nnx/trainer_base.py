@@ -69,13 +69,8 @@ class nnxTrainerMixin:
         """Check option values beyond type and choices (ranges, combinations); raise NNXError(msg, source).
         Called by :func:`nnx.options.resolve`, i.e. by nnx_train and before nnU-Net creates any folder.
         Overrides should call ``super().nnx_check_options(values, source)``."""
-        from nnx.splits import parse_labeled
         if values.get("unlabeled_batch_size", 0) < 0:
             raise NNXError("option 'unlabeled_batch_size' must be >= 0", source)
-        try:
-            parse_labeled(values.get("labeled", ""))
-        except NNXError as e:
-            raise NNXError(e.message, source) from None
 
     @classmethod
     def nnx_requirements(cls) -> Dict[str, List[str]]:

@@ -348,6 +348,10 @@ def test_label_ratio_is_deterministic_and_nested():
         apply_label_ratio(cases, tiers, "19", "none", 7)
     with pytest.raises(NNXError, match="percentage"):
         apply_label_ratio(cases, tiers, "0%", "none", 7)
+    from nnx import options
+    from nnx.registry import load_trainer
+    with pytest.raises(NNXError, match="case count"):  # checked for stock trainers too, before any work
+        options.resolve(load_trainer("nnUNetTrainer"), {"labeled": "ten"}, "--opt")
     # folds validate on expert cases only; non-expert tiers always train
     splits = tiered_splits(cases, tiers)
     assert all("c18" in s["train"] and "c19" in s["train"] for s in splits)
