@@ -24,6 +24,20 @@ def atomic_write_json(obj: Any, path: str, indent: int = 2) -> None:
         raise
 
 
+def atomic_write_text(text: str, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=d)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
     if isinstance(o, np.generic):

@@ -225,6 +225,16 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
             super().initialize()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
+        self._nnx_validate(save_probabilities)
+        if self.local_rank == 0:  # CC-Metrics next to nnU-Net's validation summary
+            from nnunetv2.configuration import default_num_processes
+            from nnx.cc_evaluation import cc_after_validation
+            out = cc_after_validation(self.output_folder, self.preprocessed_dataset_folder_base, self.dataset_json,
+                                      self.plans_manager.image_reader_writer_class.__name__, default_num_processes)
+            if out:
+                self.print_to_log_file(f"nnx: CC-Metrics of the validation written to {out}")
+
+    def _nnx_validate(self, save_probabilities: bool) -> None:
         inputs = self._nnx_inputs()
         if not inputs:
             return super().perform_actual_validation(save_probabilities)

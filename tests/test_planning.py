@@ -198,9 +198,10 @@ def test_measure_on_cpu_records_peak_and_plans_train(tiny_planned):
     r = run_cli(nnx_cmd("train", str(TINY_ID), "3d_fullres", "0", "-p", "nnxPlans_nnUNetTrainer_cpu", "-device", "cpu",
                         "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1"), {"nnUNet_n_proc_DA": "0"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert os.path.isfile(os.path.join(os.environ["nnUNet_results"], tiny_planned,
-                                       "nnUNetTrainer__nnxPlans_nnUNetTrainer_cpu__3d_fullres", "fold_0",
-                                       "checkpoint_final.pth"))
+    fold = os.path.join(os.environ["nnUNet_results"], tiny_planned,
+                        "nnUNetTrainer__nnxPlans_nnUNetTrainer_cpu__3d_fullres", "fold_0")
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(fold, "validation", "summary_cc.json"))  # stock trainer: written by nnx_train
 
 
 def test_table_lists_every_trainer_and_budget(big):

@@ -372,6 +372,10 @@ def test_inputs_trainer_trains_and_predicts_with_input_folders(tiered_planned, t
                         "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1",
                         "--opt", "inputs=coarse+anatomy"), env)
     assert r.returncode == 0, r.stderr[-2000:]
+    val = os.path.join(os.environ["nnUNet_results"], tiered_planned, "nnxInputsTrainer__nnUNetPlans__3d_fullres",
+                       "fold_0", "validation")
+    with open(os.path.join(val, "summary_cc.json")) as f:  # CC-Metrics next to nnU-Net's validation summary
+        assert "CC_Dice" in json.load(f)["foreground_mean"]
     out = tmp_path / "pred"
     base = nnx_cmd("predict", "-i", os.path.join(raw, "imagesTs"), "-o", str(out), "-d", str(TIERED_ID),
                    "-c", "3d_fullres", "-tr", "nnxInputsTrainer", "-f", "0", "-device", "cpu", "--quiet")

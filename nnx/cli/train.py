@@ -116,6 +116,7 @@ def main(argv):
     args = build_parser().parse_args(argv)
     from nnx import checks, options
     from nnx.cli.common import check_configuration, load_plans, parse_fold, pick_device
+    from nnx.io_utils import read_json
     from nnx.registry import is_nnx_trainer, load_trainer
 
     checks.require_env("nnUNet_preprocessed", "nnUNet_results")
@@ -155,6 +156,14 @@ def main(argv):
           + ", ".join(f"{k}={v}" for k, v in values.items() if k in raw or k in ("epochs", "iters_per_epoch")))
     run_training(dataset_name, args.configuration, fold, args.tr, args.p, args.pretrained_weights, args.num_gpus,
                  args.npz, args.c, args.val, args.disable_checkpointing, args.val_best, device=device)
+    if not is_nnx_trainer(trainer_cls):  # nnx trainers do this themselves (also under stock nnUNetv2_train)
+        from nnx.cc_evaluation import cc_after_validation
+        from nnx.cli.common import default_processes
+        pp = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
+        cc = cc_after_validation(out, pp, read_json(os.path.join(pp, "dataset.json"), "dataset.json"),
+                                 plans["image_reader_writer"], default_processes())
+        if cc:
+            print(f"nnx_train: CC-Metrics of the validation written to {cc}")
     print(f"nnx_train: done, results in {out}")
     return 0
 
