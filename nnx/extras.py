@@ -120,10 +120,11 @@ def prepare_image(arr: np.ndarray, props: dict, new_shape, plans_manager, cm, ch
 
 
 def onehot(seg: np.ndarray, values: Sequence[int], dtype=np.float32) -> np.ndarray:
-    """``(1, ...)`` or ``(...)`` label map -> ``(len(values), ...)`` one-hot (the network-input encoding of a label
+    """``(1, *spatial)`` label map -> ``(len(values), *spatial)`` one-hot (the network-input encoding of a label
     entry; used identically in training batches, validation and nnx_predict)."""
-    s = seg[0] if seg.ndim >= 1 and seg.shape[0] == 1 and seg.ndim > 3 else seg
-    s = np.asarray(s)
+    if seg.shape[0] != 1:
+        raise ValueError(f"expected a one-channel label map (1, *spatial), got shape {seg.shape}")
+    s = np.asarray(seg[0])
     out = np.zeros((len(values), *s.shape), dtype=dtype)
     for i, v in enumerate(values):
         out[i] = s == v

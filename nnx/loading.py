@@ -59,10 +59,6 @@ class ExtrasSource:
             out[name] = open_array(p)
         return out
 
-    def missing(self, cases: Sequence[str]) -> List[Tuple[str, str]]:
-        return [(n, c) for n in self.entries for c in cases
-                if not os.path.isfile(os.path.join(self.root, n, c + ".b2nd"))]
-
 
 class nnxLabeledDataset(nnUNetDatasetBlosc2):
     """nnU-Net's blosc2 dataset + entries; ``target_from[case] = entry`` makes that entry the case's target."""

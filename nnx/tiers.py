@@ -169,9 +169,6 @@ class DatasetSpec:
             raise NNXError(f"the dataset declares no '{name}' input (nnx block of dataset.json has: {have})")
         return self.entries[name]
 
-    @property
-    def inference_entries(self) -> Dict[str, Entry]:
-        return {n: e for n, e in self.entries.items() if e.test_folder is not None}
 
 
 def _need_folders(obj, where: str, keys: Tuple[str, ...], json_path: str) -> None:
@@ -182,7 +179,3 @@ def _need_folders(obj, where: str, keys: Tuple[str, ...], json_path: str) -> Non
         if v is not None and (not isinstance(v, str) or not v or "/" in v or "\\" in v):
             raise NNXError(f"{where}.{k} must be a folder name inside the dataset folder, got {v!r}", json_path)
 
-
-def onehot_channels(entries: List[Entry]) -> int:
-    """Number of extra network input channels that ``entries`` (label maps) add as one-hot encodings."""
-    return sum(len(e.foreground_values) for e in entries)
