@@ -104,10 +104,8 @@ def iterate_preprocessed(image_folder: str, cases: Sequence[str], folders: Dict[
 def initialize_predictor(predictor, model_dir: str, folds, checkpoint: str, inputs: List[dict]) -> None:
     """``initialize_from_trained_model_folder`` with the input channels counted."""
     import nnunetv2.inference.predict_from_raw_data as pfr
+    from nnx.compat import patched
     extra = sum(len(i["values"]) for i in inputs)
     stock = pfr.determine_num_input_channels
-    pfr.determine_num_input_channels = lambda *a, **kw: stock(*a, **kw) + extra
-    try:
+    with patched(pfr, "determine_num_input_channels", lambda *a, **kw: stock(*a, **kw) + extra):
         predictor.initialize_from_trained_model_folder(model_dir, use_folds=tuple(folds), checkpoint_name=checkpoint)
-    finally:
-        pfr.determine_num_input_channels = stock

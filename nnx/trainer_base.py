@@ -24,7 +24,6 @@ Modules that must not reach inference (teachers, heads) live outside ``self.netw
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import Any, Dict, List, Tuple
@@ -34,20 +33,10 @@ from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _stock_trainer_modu
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnx import options as nnx_options
+from nnx.compat import patched
 from nnx.errors import NNXError
 
 DEFAULT_REQUIRES = {"tiers": ("expert", "coarse", "scribble"), "batch": (), "inputs": ()}
-
-
-@contextlib.contextmanager
-def _patched(module, name: str, value):
-    """Replace ``module.name`` for the duration of one stock call (the smallest hook nnU-Net leaves us)."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 class nnxTrainerMixin:
@@ -207,7 +196,7 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
             return nnxDataLoader(dataset, batch_size, patch_size, final_patch_size, label_manager, **kw,
                                  entries=entries, onehot_inputs=inputs, unlabeled=unl)
 
-        with _patched(_stock_trainer_module, "nnUNetDataLoader", loader):
+        with patched(_stock_trainer_module, "nnUNetDataLoader", loader):
             return super().get_dataloaders()
 
     # -- network inputs ----------------------------------------------------------------------------------------------
@@ -221,7 +210,7 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
         def with_inputs(*a, **kw):
             return stock_fn(*a, **kw) + extra
 
-        with _patched(_stock_trainer_module, "determine_num_input_channels", with_inputs):
+        with patched(_stock_trainer_module, "determine_num_input_channels", with_inputs):
             super().initialize()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
