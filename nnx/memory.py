@@ -67,8 +67,13 @@ def store_calibration(trainer: str, device: str, entry: Dict[str, Any]) -> str:
 
 def effective_profile(cls: type, device: str = "cuda") -> Tuple[Dict[str, Any], str]:
     """The profile planning uses: calibrated factors for this device kind if measured, else the declared ones."""
-    prof = memory_profile(cls)
-    cal = calibrated(cls.__name__, device)
+    return with_calibration(memory_profile(cls), cls.__name__, device)
+
+
+def with_calibration(declared: Dict[str, Any], trainer: str, device: str) -> Tuple[Dict[str, Any], str]:
+    """``declared`` with the calibrated factors of ``trainer`` on this device kind, if any, and the source."""
+    prof = dict(declared)
+    cal = calibrated(trainer, device)
     if cal:
         prof.update({k: cal[k] for k in ("activation_factor", "static_gb") if k in cal})
         return prof, f"calibrated ({device_kind(device)}, {cal.get('date', '?')})"

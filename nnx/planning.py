@@ -219,17 +219,12 @@ def plan_for_trainer(dataset_name: str, trainer: str, budget: Optional[float] = 
 def trainer_profile(trainer: str, device: str = "cuda") -> Tuple[Dict[str, Any], str]:
     """The profile planning uses for a registered trainer. The stock trainer is the identity by definition (the
     reference of every calibration), known without importing it."""
-    from nnx.memory import IDENTITY, calibrated, declared_profile, device_kind
+    from nnx.memory import IDENTITY, declared_profile, with_calibration
     from nnx.registry import BASELINE, trainer_target
     if trainer == BASELINE:
         trainer_target(trainer)
         return dict(IDENTITY), "identity (stock trainer)"
-    prof = declared_profile(trainer)
-    cal = calibrated(trainer, device)
-    if cal:
-        prof.update({k: cal[k] for k in ("activation_factor", "static_gb") if k in cal})
-        return prof, f"calibrated ({device_kind(device)}, {cal.get('date', '?')})"
-    return prof, "declared"
+    return with_calibration(declared_profile(trainer), trainer, device)
 
 
 def preload_trainer(trainer: str) -> None:
@@ -257,24 +252,44 @@ def preprocessing_signature(plans: dict, cfg: dict) -> str:
                        "fg": plans.get("foreground_intensity_properties_per_channel")}, sort_keys=True, default=str)
 
 
-def _reuse_data_identifiers(dataset_name: str, plans_name: str, plans: dict) -> None:
-    """Configurations whose preprocessing equals one of another plans file reuse that file's data identifier."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def plans_files(dataset_name: str, exclude: Optional[str] = None):
+    """``(identifier, plans)`` of every plans file in the dataset's preprocessed folder (sorted), except
+    ``exclude``; other JSON files (dataset.json, fingerprint, splits) and unreadable files are skipped."""
     base = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
-    others = {}
     for f in sorted(os.listdir(base)):
-        if not f.endswith(".json") or f[:-5] == plans_name or f in ("dataset.json", "dataset_fingerprint.json",
-                                                                       "splits_final.json"):
+        if not f.endswith(".json") or f[:-5] == exclude:
             continue
         try:
             with open(os.path.join(base, f)) as fh:
-                other = json.load(fh)
-            pm = PlansManager(other)
-            for c in pm.available_configurations:
-                cm = pm.get_configuration(c)
-                others.setdefault(preprocessing_signature(other, cm.configuration), cm.data_identifier)
-        except Exception:  # not a plans file
+                plans = json.load(fh)
+        except (OSError, ValueError):
             continue
+        if isinstance(plans, dict) and isinstance(plans.get("configurations"), dict):
+            yield f[:-5], plans
+
+
+def preprocessed_data(dataset_name: str, exclude: Optional[str] = None) -> list:
+    """``(preprocessing signature, data identifier)`` of every configuration of the dataset's plans files except
+    ``exclude``, in file order: which preprocessed folders hold which data."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    out = []
+    for _, other in plans_files(dataset_name, exclude):
+        try:
+            pm = PlansManager(other)
+            found = [(preprocessing_signature(other, pm.get_configuration(c).configuration),
+                      pm.get_configuration(c).data_identifier) for c in pm.available_configurations]
+        except Exception:  # noqa: BLE001 - a malformed plans file holds no reusable data
+            continue
+        out.extend(found)
+    return out
+
+
+def _reuse_data_identifiers(dataset_name: str, plans_name: str, plans: dict) -> None:
+    """Configurations whose preprocessing equals one of another plans file reuse that file's data identifier."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    others = {}
+    for sig, data_identifier in preprocessed_data(dataset_name, exclude=plans_name):
+        others.setdefault(sig, data_identifier)
     pm = PlansManager(plans)
     for c, cfg in plans["configurations"].items():
         if "data_identifier" not in cfg or c in SHARED_DATA_CONFIGS:

@@ -137,7 +137,7 @@ def _preprocess(dataset_name, dataset_id, plans_identifier, configurations, n) -
 def _reusable_data(dataset_name: str, plans_identifier: str, cfg: str):
     import json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnx.planning import preprocessing_signature
+    from nnx.planning import preprocessed_data, preprocessing_signature
     base = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
     with open(os.path.join(base, plans_identifier + ".json")) as f:
         plans = json.load(f)
@@ -152,22 +152,8 @@ def _reusable_data(dataset_name: str, plans_identifier: str, cfg: str):
     n_have = len([x for x in os.listdir(folder) if x.endswith(".pkl")])
     if n_have != n_train:
         return None
-    sig = preprocessing_signature(plans, cm.configuration)
-    for other in sorted(os.listdir(base)):
-        if not other.endswith(".json") or other[:-5] == plans_identifier:
-            continue
-        try:
-            with open(os.path.join(base, other)) as f:
-                op = json.load(f)
-            opm = PlansManager(op)
-            for c in opm.available_configurations:
-                ocm = opm.get_configuration(c)
-                if ocm.data_identifier == cm.data_identifier and \
-                        preprocessing_signature(op, ocm.configuration) == sig:
-                    return cm.data_identifier
-        except Exception:  # noqa: BLE001 - not a plans file
-            continue
-    return None
+    mine = (preprocessing_signature(plans, cm.configuration), cm.data_identifier)
+    return cm.data_identifier if mine in preprocessed_data(dataset_name, exclude=plans_identifier) else None
 
 
 def _preprocess_nnx_inputs(dataset_name, plans_identifier, configurations, n, stock_seconds, case_ids) -> None:
@@ -267,26 +253,19 @@ def calibrate_trainer(dataset_name, plans_identifier, trainer, device, steps) ->
 
 def print_table(dataset_name: str, preset: str, device: str) -> None:
     """Plans (3d_fullres) for every registered trainer at the table budgets, with measured memory where any."""
-    import json
     from nnx.memory import device_kind
-    from nnx.planning import TABLE_BUDGETS, BudgetTooSmall, fullres_plan
+    from nnx.planning import TABLE_BUDGETS, BudgetTooSmall, fullres_plan, plans_files
     from nnx.registry import load_trainer, trainer_names
-    base = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
     measured = {}
-    for f in sorted(os.listdir(base)):
-        if f.endswith(".json"):
-            try:
-                with open(os.path.join(base, f)) as fh:
-                    pl = json.load(fh)
-                if not isinstance(pl, dict):
-                    continue
-                nx = pl.get("nnx") or {}
-                for cfg in pl.get("configurations", {}).values():
-                    for m in (cfg.get("nnx_memory", {}).get("measured") or {}).values():
-                        measured[(nx.get("trainer"), float(nx.get("budget_gb", 0)), tuple(cfg["patch_size"]),
-                                  m["device"])] = m["peak_gb"]
-            except (ValueError, KeyError, TypeError):
-                continue
+    for _, pl in plans_files(dataset_name):
+        try:
+            nx = pl.get("nnx") or {}
+            for cfg in pl["configurations"].values():
+                for m in (cfg.get("nnx_memory", {}).get("measured") or {}).values():
+                    measured[(nx.get("trainer"), float(nx.get("budget_gb", 0)), tuple(cfg["patch_size"]),
+                              m["device"])] = m["peak_gb"]
+        except (KeyError, TypeError, AttributeError):
+            continue
     budgets = (None,) if device == "cpu" else TABLE_BUDGETS
     print(f"nnx_plan: {dataset_name}: 3d_fullres plans per trainer and budget (planner {preset}, {device})")
     print(f"  {'trainer':<22}{'budget':>8}  {'patch':<16}{'batch':>6}{'predicted GB':>14}{'measured GB':>13}  profile")
