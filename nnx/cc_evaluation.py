@@ -30,14 +30,9 @@ CSV_FIELDS = ("case", "label", "component", "size_voxels", "size_mm3", "region_v
               "detected")
 
 
-def _mask(seg: np.ndarray, label) -> np.ndarray:
-    if isinstance(label, (tuple, list)):
-        return np.isin(seg, label)
-    return seg == label
-
-
 def evaluate_case(job: dict) -> dict:
     """CC metrics of one (reference, prediction) pair for every label; runs in a spawn pool."""
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnx.cc_metrics import cc_scores, voronoi_regions, voronoi_regions_per_component
     rw = recursive_find_reader_writer_by_name(job["rw"])()
@@ -50,7 +45,7 @@ def evaluate_case(job: dict) -> dict:
     out = {"case": job["case"], "prediction_file": job["pred"], "reference_file": job["ref"], "labels": {},
            "components": []}
     for label in job["labels"]:
-        gt, pr = _mask(ref, label), _mask(pred, label)
+        gt, pr = region_or_label_to_mask(ref, label), region_or_label_to_mask(pred, label)
         if valid is not None:
             gt &= valid
             pr &= valid

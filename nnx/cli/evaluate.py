@@ -51,17 +51,11 @@ def evaluate_folder(ref: str, pred: str, dataset_json: dict, output_file: str, n
                     reader_writer_name: str = None) -> dict:
     """Compute nnU-Net's metrics for every prediction in ``pred``; atomically write ``output_file``."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
-                                                         recursive_find_reader_writer_by_name)
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     ending = dataset_json["file_ending"]
-    files = sorted(f for f in os.listdir(pred) if f.endswith(ending))
-    if reader_writer_name:
-        rw = recursive_find_reader_writer_by_name(reader_writer_name)()
-    else:
-        rw = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(pred, files[0]),
-                                                       verbose=False)()
+    rw = recursive_find_reader_writer_by_name(reader_writer_name or reader_writer_for(pred, dataset_json))()
     lm = LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
     labels = lm.foreground_regions if lm.has_regions else lm.foreground_labels
     out_dir = os.path.dirname(os.path.abspath(output_file))
@@ -78,7 +72,8 @@ def evaluate_folder(ref: str, pred: str, dataset_json: dict, output_file: str, n
     return result
 
 
-def _reader_name(pred: str, dataset_json: dict) -> str:
+def reader_writer_for(pred: str, dataset_json: dict) -> str:
+    """Name of the image reader/writer for the files of ``pred`` (dataset.json override, else by file)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     ending = dataset_json["file_ending"]
     first = sorted(f for f in os.listdir(pred) if f.endswith(ending))[0]
@@ -132,12 +127,12 @@ def main(argv):
     if args.nsd_tol < 0 or (args.hd_worst is not None and args.hd_worst <= 0):
         raise NNXError("--nsd-tol must be >= 0 and --hd-worst > 0")
     n = args.np or default_processes()
+    rw_name = rw_name or reader_writer_for(args.pred, dataset_json)
     result = evaluate_folder(args.ref, args.pred, dataset_json, out, n, rw_name)
     if not args.no_cc:
         from nnx.cc_evaluation import cc_summary_for_folder
-        rw_used = rw_name or _reader_name(args.pred, dataset_json)
         png = os.path.splitext(out)[0] + "_cc.png" if args.plot else None
-        result, csv_path = cc_summary_for_folder(args.ref, args.pred, dataset_json, out, rw_used, n,
+        result, csv_path = cc_summary_for_folder(args.ref, args.pred, dataset_json, out, rw_name, n,
                                                  args.voxel_units, args.nsd_tol, args.hd_worst, png)
         print(f"nnx_evaluate: per-component metrics in {csv_path}" + (f", figure {png}" if png else ""))
     print(format_summary(result, dataset_json))
