@@ -93,22 +93,19 @@ def _stock_label_ratio(trainer, labeled: str, demote_to: str) -> None:
     trainer.do_split = do_split
 
 
-def _ensure_splits(dataset_name: str) -> None:
+def _ensure_splits(dataset_name: str, plans: dict, configuration: str) -> None:
     """Datasets with non-expert tiers validate on expert cases only (written once, like nnU-Net's own split)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnx.fold_data import ensure_tiered_splits
     from nnx.tiers import DatasetSpec
     base = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name)
     spec = DatasetSpec.from_folder(base)
-    if not spec.has_block:
-        return
-    for sub in sorted(os.listdir(base)):
-        folder = os.path.join(base, sub)
-        if os.path.isdir(folder) and not sub.endswith("__nnx") and sub != "gt_segmentations" and os.listdir(folder):
-            ids = infer_dataset_class(folder).get_identifiers(folder)
-            if ensure_tiered_splits(base, ids, spec):
-                print(f"nnx_train: wrote {os.path.join(base, 'splits_final.json')} (folds over expert cases)")
-            return
+    folder = os.path.join(base, PlansManager(plans).get_configuration(configuration).data_identifier)
+    if not spec.has_block or not os.path.isdir(folder) or not os.listdir(folder):
+        return  # nothing preprocessed yet: nnU-Net's own error follows
+    if ensure_tiered_splits(base, infer_dataset_class(folder).get_identifiers(folder), spec):
+        print(f"nnx_train: wrote {os.path.join(base, 'splits_final.json')} (folds over expert cases)")
 
 
 @cli_entry("nnx_train")
@@ -142,7 +139,7 @@ def main(argv):
     device = pick_device(args.device)
 
     if args.fold != "all":
-        _ensure_splits(dataset_name)
+        _ensure_splits(dataset_name, plans, args.configuration)
     from nnx.ext_path import ensure_ext_trainer_env
     ensure_ext_trainer_env()
     os.environ[options.ENV_VAR] = " ".join(f"{k}={v}" for k, v in raw.items())
