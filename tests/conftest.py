@@ -70,6 +70,22 @@ def tiered_planned(nnunet_env):
     return os.path.basename(report.folder)
 
 
+def rewrite(path, fn):
+    """Read image ``path``, apply ``fn(arr, img)`` -> an array (written back with the original geometry) or an
+    image (written as is): the one way tests break a file."""
+    import numpy as np
+    import SimpleITK as sitk
+    img = sitk.ReadImage(str(path))
+    out = fn(sitk.GetArrayFromImage(img), img)
+    if isinstance(out, np.ndarray):
+        new = sitk.GetImageFromArray(out)
+        new.SetSpacing(img.GetSpacing())
+        new.SetOrigin(img.GetOrigin())
+        new.SetDirection(img.GetDirection())
+        out = new
+    sitk.WriteImage(out, str(path), True)
+
+
 def run_cli(args, env=None, timeout=600):
     """Run a console command in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ)

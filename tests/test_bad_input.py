@@ -9,9 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from conftest import TINY_ID, nnx_cmd, run_cli
+from conftest import TINY_ID, nnx_cmd, rewrite, run_cli
 from nnx.cli import evaluate as nnx_evaluate
 from nnx.cli import plan as nnx_plan
 from nnx.cli import predict as nnx_predict
@@ -46,19 +45,6 @@ def bad_copy(tiny_dataset, nnunet_env):
 def assert_nothing_preprocessed(nnunet_env, did):
     pp = nnunet_env["nnUNet_preprocessed"]
     assert not [d for d in os.listdir(pp) if d.startswith(f"Dataset{did:03d}")]
-
-
-def rewrite(path, fn):
-    img = sitk.ReadImage(path)
-    arr = sitk.GetArrayFromImage(img)
-    new = fn(arr, img)
-    if isinstance(new, np.ndarray):
-        out = sitk.GetImageFromArray(new)
-        out.SetSpacing(img.GetSpacing())
-        out.SetOrigin(img.GetOrigin())
-        out.SetDirection(img.GetDirection())
-        new = out
-    sitk.WriteImage(new, path)
 
 
 # ---------------------------------------------------------------------------------------------- environment

@@ -11,9 +11,8 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from conftest import nnx_cmd, run_cli
+from conftest import nnx_cmd, rewrite, run_cli
 from nnx import checks
 from nnx.errors import NNXError
 
@@ -79,19 +78,6 @@ def ts_cases(folder):
 
 def p(folder, *parts):
     return os.path.join(folder, *parts)
-
-
-def rewrite(path, fn):
-    """Read ``path``, apply ``fn(arr, img)`` -> array (written with the original geometry) or image; write back."""
-    img = sitk.ReadImage(path)
-    out = fn(sitk.GetArrayFromImage(img), img)
-    if isinstance(out, np.ndarray):
-        new = sitk.GetImageFromArray(out)
-        new.SetSpacing(img.GetSpacing())
-        new.SetOrigin(img.GetOrigin())
-        new.SetDirection(img.GetDirection())
-        out = new
-    sitk.WriteImage(out, path, True)
 
 
 def set_voxel(value, index=5):
