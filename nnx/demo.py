@@ -61,15 +61,9 @@ def train_briefly(dataset_name: str, trainer_name: str, plans: str, epochs: int,
 
 
 def per_class_dice(summary: dict, labels: Dict[str, int]) -> Dict[str, float]:
-    out = {}
-    for name, val in labels.items():
-        if name in ("background", "ignore") or isinstance(val, list):
-            continue
-        m = summary["mean"].get(val, summary["mean"].get(str(val)))
-        if m is not None:
-            out[name] = float(m["Dice"])
-    out["mean"] = float(summary["foreground_mean"]["Dice"])
-    return out
+    from nnx.bench.runner import metrics_from_summary
+    m = metrics_from_summary(summary, labels)
+    return {**m["per_class_dice"], "mean": m["dice"]}
 
 
 def format_table(results: Dict[str, Dict[str, float]], timing: Dict[str, Dict[str, float]]) -> str:
