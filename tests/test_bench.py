@@ -187,3 +187,13 @@ def test_bench_runs_resumes_after_a_kill_and_reports(tiny_planned, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("(already done)") == 4 + 4 + 4 + 1  # trainings, predictions, evaluations, reference
     assert "speed + memory: already done" in r.stdout
+    # 4) the same runs judged on the fold's validation predictions instead: nothing is trained again
+    suite.write_text(SUITE.replace("test: {tta: false}\nreferences: {coarse masks: coarseTs}",
+                                   "test: {source: validation}"))
+    r = run_cli(cmd, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("(already done)") == 4 and "speed + memory: already done" in r.stdout
+    assert "] predict" not in r.stdout and r.stdout.count("] evaluate") == 4
+    val = json.loads((out / "results.json").read_text())
+    assert val["accuracy"]["nnUNetTrainer"]["dice"]["n"] == 2 and val["predict"] is None
+    assert "coarse masks" not in val["accuracy"]
