@@ -1,10 +1,15 @@
-"""Baselines that need nnx's data handling but no method: nnU-Net with auxiliary maps as extra input channels.
+"""Baselines that need nnx's data handling but no method.
 
 ``nnxInputsTrainer`` is stock nnU-Net (network, loss, schedule, augmentation) whose input is the image plus the
 one-hot encoding of the label maps named by the option ``inputs`` (``coarse``, an aux map such as ``anatomy``, or
 several joined by ``+``). It is the comparison a paper that refines coarse masks or injects anatomy implies
 ("what if nnU-Net simply saw the same extra input?"). At inference ``nnx_predict -inputs NAME=FOLDER`` supplies the
 maps; stock ``nnUNetv2_predict`` cannot, so the model does not export to plain nnU-Net.
+
+``nnxTierTrainer`` is stock nnU-Net trained through nnx's tier loader: coarse masks and scribbles (including the
+files of demoted expert cases) are its targets. ``--labeled 0 --demote-to coarse`` trains it on the coarse
+non-expert masks only: "nnU-Net trained on the non-expert labels", the other baseline a coarse-mask method implies.
+Its inference network is stock.
 """
 from __future__ import annotations
 
@@ -38,3 +43,9 @@ class nnxInputsTrainer(nnxTrainer):
         opts = getattr(self, "nnx_opts", None) or {}
         req["inputs"] = [s for s in str(opts.get("inputs", "coarse")).split("+") if s]
         return req
+
+
+class nnxTierTrainer(nnxTrainer):
+    nnx_summary = "stock nnU-Net trained on every labeled tier through nnx's loader (coarse masks, scribbles as targets)"
+    nnx_source = "baseline: nnU-Net on non-expert labels (--labeled 0 --demote-to coarse); docs/dataset_format.md"
+    nnx_memory = {"activation_factor": 1.0, "static_gb": 0.0}

@@ -61,6 +61,10 @@ def resolve_fold(spec: DatasetSpec, train_keys: Sequence[str], val_keys: Sequenc
     eff, demoted = apply_label_ratio(list(train_keys), spec.tiers, labeled, demote_to, seed)
     if stock:
         train = stock_train_keys(eff, demoted)
+        if not train:
+            raise NNXError(f"labeled={labeled} leaves a stock trainer no labeled training case (it reads only "
+                           f"labelsTr); nnxTierTrainer with demote_to=coarse or scribble trains stock nnU-Net on the "
+                           f"non-expert labels")
         return FoldData(spec, eff, demoted, train, list(val_keys), labeled_setting=labeled, demote_to=demote_to)
     target_from = {c: TARGET_ENTRY[eff[c]] for c in demoted if eff[c] in TARGET_ENTRY}
     for c, entry in target_from.items():
@@ -68,6 +72,9 @@ def resolve_fold(spec: DatasetSpec, train_keys: Sequence[str], val_keys: Sequenc
             raise NNXError(f"demote_to={demote_to} needs the dataset's '{entry}' files (nnx.{entry} in dataset.json),"
                            f" which it does not declare")
     train = sorted(c for c in train_keys if eff[c] in train_tiers)
+    if not train:
+        raise NNXError(f"no labeled training case left in fold {fold} (labeled={labeled or 'all'}, "
+                       f"demote_to={demote_to}, tiers the trainer trains on: {', '.join(train_tiers)})")
     unl = sorted([c for c in demoted if eff[c] == "none"] + spec.unlabeled_cases)
     for c in spec.unlabeled_cases:
         eff[c] = "none"

@@ -27,21 +27,19 @@ DEMOTE_CHOICES = ("none", "coarse", "scribble")
 
 
 def parse_labeled(value) -> Tuple[str, float]:
-    """``"10%"`` -> ("percent", 10.0); ``"3"`` -> ("count", 3); ``""``/None -> ("all", 0)."""
+    """``"10%"`` -> ("percent", 10.0); ``"3"`` -> ("count", 3); ``"0"``/``"0%"`` -> ("count", 0) (every expert
+    training case demoted); ``""``/None -> ("all", 0)."""
     if value is None or str(value).strip() in ("", "all", "100%"):
         return "all", 0.0
     v = str(value).strip()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)%", v)
     if m:
         x = float(m.group(1))
-        if not 0 < x <= 100:
-            raise NNXError(f"labeled={v}: the percentage must be in (0, 100]")
-        return "percent", x
+        if not 0 <= x <= 100:
+            raise NNXError(f"labeled={v}: the percentage must be in [0, 100]")
+        return ("count", 0.0) if x == 0 else ("percent", x)
     if re.fullmatch(r"\d+", v):
-        n = int(v)
-        if n < 1:
-            raise NNXError(f"labeled={v}: keep at least 1 labeled case")
-        return "count", float(n)
+        return "count", float(int(v))  # 0: every expert training case is demoted (e.g. to train on coarse masks)
     raise NNXError(f"labeled={v!r} must be a case count (e.g. 4) or a percentage (e.g. 10%)")
 
 

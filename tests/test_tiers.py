@@ -347,7 +347,10 @@ def test_label_ratio_is_deterministic_and_nested():
     with pytest.raises(NNXError, match="only 18 expert"):
         apply_label_ratio(cases, tiers, "19", "none", 7)
     with pytest.raises(NNXError, match="percentage"):
-        apply_label_ratio(cases, tiers, "0%", "none", 7)
+        apply_label_ratio(cases, tiers, "101%", "none", 7)
+    for zero in ("0", "0%"):  # no expert label kept: every expert case is demoted, non-expert tiers stay
+        e0, d0 = apply_label_ratio(cases, tiers, zero, "coarse", 7)
+        assert d0 == cases[:18] and all(e0[c] == "coarse" for c in d0) and e0["c19"] == "scribble"
     from nnx import options
     from nnx.registry import load_trainer
     with pytest.raises(NNXError, match="case count"):  # checked for stock trainers too, before any work
@@ -360,6 +363,23 @@ def test_label_ratio_is_deterministic_and_nested():
     spec = DatasetSpec(tiers, {}, None, {"background": 0, "a": 1}, FE, True)
     fd = resolve_fold(spec, splits[0]["train"], splits[0]["val"], 0, "25%", "none", stock=True)
     assert not set(fd.train) & set(fd.demoted) and {"c18", "c19"} <= set(fd.train)
+    # labeled=0: only an nnx trainer can learn from the non-expert files of the demoted cases
+    only_expert = DatasetSpec({c: "expert" for c in cases}, {}, None, {"background": 0, "a": 1}, FE, True)
+    with pytest.raises(NNXError, match="no labeled training case.*nnxTierTrainer"):
+        resolve_fold(only_expert, cases[:16], cases[16:], 0, "0", "none", stock=True)
+    with pytest.raises(NNXError, match="no labeled training case left in fold 0"):
+        resolve_fold(only_expert, cases[:16], cases[16:], 0, "0", "none")
+
+
+def test_tier_trainer_with_no_expert_label_trains_on_the_coarse_masks(tiered_planned):
+    from nnx.baselines import nnxTierTrainer
+    t = make_trainer(tiered_planned, nnxTierTrainer, "labeled=0 demote_to=coarse")
+    tr, val = t.do_split()
+    fd = t._nnx_fold
+    expert_train = [c for c in tr if fd.spec.tier(c) == "expert"]
+    assert expert_train and sorted(fd.demoted) == sorted(expert_train)
+    assert all(fd.target_from[c] == "coarse" for c in fd.demoted) and t._nnx_uses_loader()
+    assert all(fd.spec.tier(c) == "expert" for c in val)  # still judged against expert labels
 
 
 # ----------------------------------------------------------------------------------------------------------------------
