@@ -190,10 +190,12 @@ def run(suite, out: str, device: str) -> int:
     if full:
         acc = report.accuracy_summary(evals, refs, suite.baseline)
         result.update({"accuracy": acc, "runs": evals, "predict": predict_rows, "references": refs})
-        opts = ", ".join(f"{k}={v}" for k, v in suite.arms[0].options.items() if k in
-                         ("epochs", "iters_per_epoch", "labeled", "demote_to"))
-        md += ["", "## Accuracy", "", f"Training: {opts}.", "", report.accuracy_markdown(acc, suite.baseline,
-                                                                                          suite.seeds)]
+        common = {**(suite.raw.get("training") or {}), **(suite.raw.get("labels") or {})}
+        opts = ", ".join(f"{k}={v}" for k, v in common.items())
+        per_arm = "; ".join(f"{a.name}: " + ", ".join(f"{k}={v}" for k, v in a.options.items() if k not in common)
+                            for a in suite.arms if set(a.options) - set(common))
+        md += ["", "## Accuracy", "", f"Every arm: {opts}." + (f" Arm options: {per_arm}." if per_arm else ""), "",
+               report.accuracy_markdown(acc, suite.baseline, suite.seeds)]
         report.plot_accuracy(os.path.join(out, "accuracy.png"), acc)
     st = table.get(stock, {})
     shape = (f"patch {'x'.join(map(str, st['patch_size']))}, batch {st['batch_size']}; "
