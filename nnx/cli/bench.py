@@ -192,8 +192,8 @@ def run(suite, out: str, device: str) -> int:
         result.update({"accuracy": acc, "runs": evals, "predict": predict_rows, "references": refs})
         common = {**(suite.raw.get("training") or {}), **(suite.raw.get("labels") or {})}
         opts = ", ".join(f"{k}={v}" for k, v in common.items())
-        per_arm = "; ".join(f"{a.name}: " + ", ".join(f"{k}={v}" for k, v in a.options.items() if k not in common)
-                            for a in suite.arms if set(a.options) - set(common))
+        own = {a.name: {k: v for k, v in a.options.items() if str(common.get(k)) != v} for a in suite.arms}
+        per_arm = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in own.items() if o)
         md += ["", "## Accuracy", "", f"Every arm: {opts}." + (f" Arm options: {per_arm}." if per_arm else ""), "",
                report.accuracy_markdown(acc, suite.baseline, suite.seeds)]
         report.plot_accuracy(os.path.join(out, "accuracy.png"), acc)
