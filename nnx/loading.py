@@ -18,9 +18,11 @@ exactly as nnU-Net appends the previous stage of a cascade.
 
 Augmentation rule: a transform moves voxels (``SpatialTransform``, ``MirrorTransform``, or any transform with
 ``nnx_spatial = True``) -> every entry gets it with the *same* parameters (label maps through the segmentation
-path, so a label entry equal to the target stays voxel-identical to it); ``RemoveLabelTransform`` (nnU-Net's -1
-padding marker -> 0) -> label entries too; intensity transforms -> train-only channels only, with their own draws;
-never label maps. Region conversion and deep-supervision downsampling apply to the target only.
+path, so a label entry equal to the target stays voxel-identical to it); nnU-Net's dummy-2D augmentation of
+anisotropic 3D patches (``Convert3DTo2DTransform`` ... ``Convert2DTo3DTransform``) folds and unfolds every entry
+like the image; ``RemoveLabelTransform`` (nnU-Net's -1 padding marker -> 0) -> label entries too; intensity
+transforms -> train-only channels only, with their own draws; never label maps. Region conversion and
+deep-supervision downsampling apply to the target only.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from nnx.errors import NNXError
 from nnx.extras import onehot, open_array
 
 LABEL, IMAGE = "label", "image"
+_NCHANNELS_KEY = "nnx_extras_nchannels"  # channel counts of the extras while dummy-2D augmentation folds them
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -164,6 +167,19 @@ def transform_with_extras(t, data_dict: dict, extras: Dict[str, Tuple[torch.Tens
         for name, (x, kind) in list(extras.items()):
             y = t._apply_to_segmentation(x, **params) if kind == LABEL else t._apply_to_image(x, **params)
             extras[name] = (y, kind)
+        return data_dict
+    from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
+    if isinstance(t, Convert3DTo2DTransform):  # dummy-2D augmentation: fold the first spatial axis like the image
+        data_dict = t(**data_dict)
+        data_dict[_NCHANNELS_KEY] = {name: x.shape[0] for name, (x, _) in extras.items()}
+        for name, (x, kind) in list(extras.items()):
+            extras[name] = (x.reshape((x.shape[0] * x.shape[1], *x.shape[2:])), kind)
+        return data_dict
+    if isinstance(t, Convert2DTo3DTransform):
+        data_dict = t(**data_dict)
+        nch = data_dict.pop(_NCHANNELS_KEY)
+        for name, (x, kind) in list(extras.items()):
+            extras[name] = (x.reshape((nch[name], x.shape[0] // nch[name], *x.shape[1:])), kind)
         return data_dict
     data_dict = t(**data_dict)
     if isinstance(t, RemoveLabelTransform):
