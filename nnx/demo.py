@@ -151,7 +151,8 @@ def main(argv):
     ws = setup_workspace(args.workspace)
     os.environ.setdefault("nnUNet_def_n_proc", "1")
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    from nnx.cli.common import cpu_threads
+    torch.set_num_threads(cpu_threads())
     device = torch.device("cpu")
 
     from nnx.synth import make_dataset

@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         torch.manual_seed(seed)
         device = torch.device(spec.get("device", "cpu"))
         if device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            from nnx.cli.common import cpu_threads
+            torch.set_num_threads(cpu_threads())
         from nnx.registry import load_trainer
         load_trainer(spec["trainer"])  # imports done before the memory baseline
         cpu_baseline = True

@@ -20,8 +20,8 @@ def pick_device(name: Optional[str]):
         raise NNXError("-device cuda requested but torch sees no CUDA device (use -device cpu)")
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise NNXError("-device mps requested but MPS is not available")
-    if name == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    if name == "cpu":  # every core, as nnUNetv2_train does, unless OMP_NUM_THREADS says otherwise
+        torch.set_num_threads(cpu_threads())
     elif name == "cuda":  # as nnUNetv2_train does: the GPU does the work, data augmentation has its own workers
         torch.set_num_threads(1)
         try:
@@ -29,6 +29,16 @@ def pick_device(name: Optional[str]):
         except RuntimeError:  # can only be set once per process, before parallel work started
             pass
     return torch.device(name)
+
+
+def cpu_threads() -> int:
+    """Torch threads for CPU work: ``OMP_NUM_THREADS`` if set (e.g. 1 on a machine shared with other jobs, where
+    OpenMP threads waiting for a busy core stall every step), else every core."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", "") or 0)
+    except ValueError:
+        n = 0
+    return n if n > 0 else (os.cpu_count() or 1)
 
 
 def parse_fold(text: str):
