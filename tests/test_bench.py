@@ -51,6 +51,11 @@ def test_speed_ratio_is_the_median_of_per_round_ratios():
     assert table["two nets"]["memory_ratio"] == pytest.approx(1.5)
     assert table["two nets"]["inference_ratio"] == pytest.approx(1.0)
     assert table["two nets"]["s_per_iter"] == pytest.approx(2.0)
+    # measured in a group of its own: paired with that group's stock rounds, not the stock arm's pooled rounds
+    grouped = stats.speed_memory_table({
+        "stock": {"trainer": "nnUNetTrainer", "round_iter_s": [1.0, 1.0, 4.0, 4.0]},
+        "late": {"trainer": "X", "round_iter_s": [8.0, 8.0], "ref_round_iter_s": [4.0, 4.0]}}, "stock")
+    assert grouped["late"]["speed_ratio"] == pytest.approx(2.0)
 
 
 # -- suites --------------------------------------------------------------------------------------------------------

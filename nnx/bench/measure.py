@@ -81,20 +81,53 @@ def worker_env(results_dir: str, device: str) -> Dict[str, str]:
 
 
 def measure_arms(arms: List[Dict[str, Any]], common: Dict[str, Any], work_dir: str, steps: int, rounds: int,
-                 infer: int, mode: str = "interleaved", progress: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, Any]]:
+                 infer: int, mode: str = "interleaved", progress: Optional[Callable[[str], None]] = None,
+                 stock: Optional[str] = None, group: int = 0) -> Dict[str, Dict[str, Any]]:
     """``arms``: [{"name", "trainer", "options"}]; ``common``: dataset, plans, configuration, fold, device, seed,
-    warmup. Returns name -> measurements (``error`` set for an arm that could not run)."""
+    warmup. Returns name -> measurements (``error`` set for an arm that could not run).
+
+    ``group`` > 1 (interleaved mode): at most that many worker processes at once, the ``stock`` arm in every group;
+    an arm's speed ratio then uses the stock rounds of its own group (``ref_round_iter_s``)."""
     os.makedirs(work_dir, exist_ok=True)
     results_dir = os.path.join(work_dir, "tmp_results")
     shutil.rmtree(results_dir, ignore_errors=True)
     env = worker_env(results_dir, common.get("device", "cpu"))
     tick = progress or (lambda msg: None)
+    try:
+        if mode == "interleaved" and stock and group > 1 and len(arms) > group:
+            st = next(a for a in arms if a["name"] == stock)
+            others = [a for a in arms if a["name"] != stock]
+            chunks = [others[i:i + group - 1] for i in range(0, len(others), group - 1)]
+            out: Dict[str, Dict[str, Any]] = {}
+            for k, chunk in enumerate(chunks):
+                res = _measure_set([st] + chunk, common, work_dir, env, steps, rounds, infer, mode, tick,
+                                   f".group{k + 1}")
+                s_res = res.pop(stock)
+                for name, r in res.items():
+                    r["ref_round_iter_s"] = list(s_res["round_iter_s"])
+                    r["group"] = k + 1
+                out.update(res)
+                agg = out.setdefault(stock, {**s_res, "iter_s": [], "data_s": [], "step_s": [], "round_iter_s": [],
+                                             "infer_s": [], "group": "all"})
+                for key in ("iter_s", "data_s", "step_s", "round_iter_s", "infer_s"):
+                    agg[key] += s_res.get(key, [])
+                peaks = [x for x in (agg.get("peak_gb"), s_res.get("peak_gb")) if x is not None]
+                agg["peak_gb"] = max(peaks) if peaks else None
+                if s_res.get("error"):
+                    agg["error"] = s_res["error"]
+            return {a["name"]: out[a["name"]] for a in arms}
+        return _measure_set(arms, common, work_dir, env, steps, rounds, infer, mode, tick, "")
+    finally:
+        shutil.rmtree(results_dir, ignore_errors=True)
+
+
+def _measure_set(arms, common, work_dir, env, steps, rounds, infer, mode, tick, log_suffix):
     out: Dict[str, Dict[str, Any]] = {a["name"]: {"trainer": a["trainer"], "options": a["options"], "iter_s": [],
                                                   "data_s": [], "step_s": [], "round_iter_s": []} for a in arms}
 
     def start(a):
         spec = dict(common, trainer=a["trainer"], options=a["options"])
-        return Worker(spec, os.path.join(work_dir, f"{a['name'].replace(' ', '_')}.log"), env)
+        return Worker(spec, os.path.join(work_dir, f"{a['name'].replace(' ', '_')}{log_suffix}.log"), env)
 
     def ready(a, w):
         msg = w.read()
@@ -160,7 +193,6 @@ def measure_arms(arms: List[Dict[str, Any]], common: Dict[str, Any], work_dir: s
                 w.proc.kill()
             if not w._log.closed:
                 w._log.close()
-        shutil.rmtree(results_dir, ignore_errors=True)
     for o in out.values():
         o["mode"] = mode
     return out

@@ -20,7 +20,8 @@ RULES = {
     "std": "sample standard deviation over seeds (ddof=1); None with one seed",
     "delta": "mean(arm) - mean(baseline)",
     "exceeds_spread": "|delta| > sqrt(std_arm^2 + std_baseline^2); None with one seed",
-    "speed_ratio": "median over rounds of (arm's mean s/iter in the round / stock arm's in the same round)",
+    "speed_ratio": "median over rounds of (arm's mean s/iter in the round / stock arm's in the same round); with "
+                   "measure.group, the stock arm runs in every group and each arm is paired with its own group's",
     "memory_ratio": "peak(arm) / peak(stock arm), each measured in its own process",
     "inference_ratio": "median(arm) / median(stock arm)",
 }
@@ -75,7 +76,8 @@ def speed_memory_table(measured: Dict[str, Dict], stock: str) -> Dict[str, Dict]
             row.update({
                 "s_per_iter": median(m.get("iter_s", [])),
                 "data_s_per_iter": median(m.get("data_s", [])),
-                "speed_ratio": round_ratio(m.get("round_iter_s", []), s.get("round_iter_s", [])),
+                "speed_ratio": round_ratio(m.get("round_iter_s", []),
+                                           m.get("ref_round_iter_s", s.get("round_iter_s", []))),
                 "infer_s_per_patch": median(m.get("infer_s", [])),
                 "peak_gb": m.get("peak_gb"),
                 "static_gb": m.get("static_gb"),

@@ -26,7 +26,8 @@ A suite names the dataset, the label setting, the trainers ("arms") and how long
       - {name: stock, trainer: nnUNetTrainer}
       - {name: mine, trainer: MyTrainer, options: {K: 3}}
     baseline: stock                    # deltas are taken against this arm (default: the first)
-    measure: {steps: 3, rounds: 3, warmup: 2, infer: 3, mode: interleaved}
+    measure: {steps: 3, rounds: 3, warmup: 2, infer: 3, mode: interleaved, group: 0}
+    # group: N > 1 keeps at most N worker processes alive at once (the stock arm runs in every group)
 
 ``mode: overhead`` suites only measure (speed and memory of a few training steps; no training, no test set).
 Every arm's options are validated against its trainer before anything runs. Every suite needs an arm with the
@@ -58,7 +59,7 @@ _TOP_KEYS = {"name", "description", "mode", "dataset", "configuration", "plans",
 _DATASET_KEYS = {"id", "phantom", "phantom_id", "phantom_seed", "phantom_options"}
 _PLANS_KEYS = {"identifier", "gpu_memory_target", "trainer", "planner"}
 _TEST_KEYS = {"source", "images", "labels", "inputs", "tta", "step_size"}
-_MEASURE_KEYS = {"steps", "rounds", "warmup", "infer", "mode"}
+_MEASURE_KEYS = {"steps", "rounds", "warmup", "infer", "mode", "group"}
 _ARM_KEYS = {"name", "trainer", "options"}
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+()-]+)*$")
 
@@ -137,7 +138,9 @@ def overhead_suite() -> Dict[str, Any]:
                                         "num_train": 10, "num_test": 1}},
         "configuration": "3d_fullres",
         "trainers": trainer_names(),
-        "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 2},
+        # groups of 4 processes (the stock trainer in each): about 1.3 GB of RSS per worker on CPU, so every
+        # registered trainer at once would not fit a small machine
+        "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 2, "group": 4},
     }
 
 
@@ -278,8 +281,8 @@ def parse_suite(obj: Dict[str, Any], where: str) -> Suite:
         raise NNXError("'references' need a test set (test.source: test)", where)
 
     measure = _mapping(obj.get("measure"), "measure", where, _MEASURE_KEYS)
-    measure = {"steps": 3, "rounds": 3, "warmup": 2, "infer": 3, "mode": "interleaved", **measure}
-    for k, lo in (("steps", 1), ("rounds", 1), ("warmup", 1), ("infer", 0)):
+    measure = {"steps": 3, "rounds": 3, "warmup": 2, "infer": 3, "mode": "interleaved", "group": 0, **measure}
+    for k, lo in (("steps", 1), ("rounds", 1), ("warmup", 1), ("infer", 0), ("group", 0)):
         measure[k] = _int(measure[k], f"measure.{k}", where, lo)
     if measure["mode"] not in MEASURE_MODES:
         raise NNXError(f"'measure.mode' must be one of {', '.join(MEASURE_MODES)}", where)

@@ -203,7 +203,9 @@ def run(suite, out: str, device: str) -> int:
     m = suite.measure
     md += ["", "## Speed and memory", "",
            f"{shape}{m['warmup']} warm-up step(s), then {m['rounds']} round(s) of {m['steps']} step(s) per arm; "
-           f"{m['infer']} timed forward pass(es).", "",
+           f"{m['infer']} timed forward pass(es)."
+           + (f" At most {m['group']} worker processes at once, the stock trainer in every group; each arm's "
+              f"ratio is to the stock rounds of its own group." if m["group"] > 1 else ""), "",
            report.speed_markdown(table, stock, m["mode"], predict_rows)]
     report.plot_overhead(os.path.join(out, "overhead.png"), table, stock)
     atomic_write_json(result, os.path.join(out, "results.json"))
@@ -242,7 +244,7 @@ def measure(suite, bench, device: str, prog: Progress):
     common = {"dataset": bench.dataset, "plans": bench.plans, "configuration": suite.configuration,
               "fold": suite.fold, "device": device, "seed": 0, "warmup": m["warmup"]}
     measured = measure_arms(arms, common, os.path.join(bench.out, "measure"), m["steps"], m["rounds"], m["infer"],
-                            m["mode"], progress=prog.status)
+                            m["mode"], progress=prog.status, stock=suite.stock_arm.name, group=m["group"])
     if not any(r.get("error") for r in measured.values()):
         atomic_write_json({"key": key, "arms": measured}, path)
     return measured, False
