@@ -25,13 +25,7 @@ import os
 import sys
 import time
 
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
+from nnx.memory_probe import _reset_peak_rss, _status_kb
 
 
 def _sync(device) -> None:
@@ -111,12 +105,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(cpu_threads())
         from nnx.registry import load_trainer
         load_trainer(spec["trainer"])  # imports done before the memory baseline
-        cpu_baseline = True
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            cpu_baseline = False
+        cpu_baseline = _reset_peak_rss()
         rss0 = _status_kb("VmRSS") if os.path.exists("/proc/self/status") else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
