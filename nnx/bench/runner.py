@@ -153,8 +153,13 @@ class Bench:
         atomic_write_json({"key": key}, os.path.join(rdir, "started.json"))
         cmd = [sys.executable, "-m", "nnx.bench.train_run", str(seed), self.dataset, self.suite.configuration,
                str(self.suite.fold), "-tr", arm.trainer, "-p", self.plans, "-device", self.device]
-        if arm.options:
-            cmd += ["--opt"] + [f"{k}={v}" for k, v in arm.options.items()]
+        opts = dict(arm.options)
+        if "save_every" not in opts and str(opts.get("epochs", "")).isdigit():
+            # checkpoint_latest.pth five times per run (nnU-Net: every 50 epochs), so a killed run resumes; it does
+            # not change the result, so it is not part of the run's key
+            opts["save_every"] = str(max(1, int(opts["epochs"]) // 5))
+        if opts:
+            cmd += ["--opt"] + [f"{k}={v}" for k, v in opts.items()]
         if resume:
             cmd.append("--c")
         env = dict(os.environ, nnUNet_results=os.path.join(rdir, "results"))

@@ -113,7 +113,8 @@ class Suite:
         return digest({"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans})
 
     def run_key(self, arm: Arm, seed: int) -> str:
-        return digest({"data": self.data_key(), "fold": self.fold, "trainer": arm.trainer, "options": arm.options,
+        options = {k: v for k, v in arm.options.items() if k != "save_every"}  # checkpoint cadence: same result
+        return digest({"data": self.data_key(), "fold": self.fold, "trainer": arm.trainer, "options": options,
                        "seed": seed})
 
 
