@@ -198,11 +198,16 @@ class ReReNetTrainer(nnxTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
 
-    def train_step(self, batch: dict) -> dict:
+    def _batch_on_device(self, batch: dict):
+        """(data, target) moved to the trainer's device; target is a list under deep supervision."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
             target.to(self.device, non_blocking=True)
+        return data, target
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._batch_on_device(batch)
         net = unwrap(self.network)
         image, prev = net.split(data)  # prev = ŷ^0, the coarse mask
         dice_only = self.rerenet_dice_only()
@@ -261,10 +266,7 @@ class ReReNetTrainer(nnxTrainer):
         return out
 
     def validation_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
-            target.to(self.device, non_blocking=True)
+        data, target = self._batch_on_device(batch)
         net = unwrap(self.network)
         dice_only = self.rerenet_dice_only()
         with self._autocast():
