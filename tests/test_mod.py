@@ -118,6 +118,15 @@ def test_token_stage_split_forward_and_teacher_backbone():
     tb = TeacherBackbone(enc, 2)
     assert len(tb.stages) == 3 and set(dict(tb.named_parameters())) <= set(dict(enc.named_parameters()))
     assert torch.allclose(tb(v), tok, atol=1e-5)
+    # per-view passes (view_passes=per_view): same outputs and same gradients as the batched pass (InstanceNorm)
+    grads = []
+    for chunk in (None, 2):
+        enc.zero_grad()
+        sk, tk = split_forward(enc, x, v, 2, chunk)
+        assert torch.allclose(tk, tok, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sk, ref))
+        (sk[-1].square().mean() + tk.square().mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in enc.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
 
 
 def test_heads_and_dense_predictor():
@@ -421,9 +430,9 @@ def stepped(pp_folder, one_thread):
             seen["views"], seen["vmask"], seen["tidx"] = views.clone(), voxel_mask.clone(), token_index.clone()
             return wrapper_fwd(x, views, voxel_mask, token_index)
 
-        def spy_teacher(v):
+        def spy_teacher(v, chunk=None):
             seen["teacher_in"] = v.clone()
-            seen["teacher_out"] = teacher_fwd(v)
+            seen["teacher_out"] = teacher_fwd(v, chunk)
             return seen["teacher_out"]
 
         tr._mod_train_module.forward = spy_wrapper

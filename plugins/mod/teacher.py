@@ -15,7 +15,7 @@ Temperatures and centring (iBOT defaults; paper UNSPECIFIED)
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import distributed as dist
@@ -82,9 +82,14 @@ class EMATeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(cls logits (B, K), patch logits (B, T, K)), float32, no gradient."""
-        return head_logits(self.head, self.backbone(x))
+    def forward(self, x: torch.Tensor, chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cls logits (B, K), patch logits (B, T, K)), float32, no gradient. ``chunk`` = n runs the backbone in
+        passes of n samples (same result; see :func:`backbone.split_forward`)."""
+        if chunk:
+            feats = torch.cat([self.backbone(c) for c in x.split(int(chunk))], 0)
+        else:
+            feats = self.backbone(x)
+        return head_logits(self.head, feats)
 
     def pairs(self, student_encoder: nn.Module, student_head: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(teacher tensor, student tensor) for every parameter name both share (iBOT's names_common)."""

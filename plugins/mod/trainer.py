@@ -47,17 +47,20 @@ from .views import VIEW_MODES, make_views
 #: per-epoch log keys added to nnU-Net's logger (NaN where a part is switched off)
 LOG_KEYS = ("mod_loss_seg", "mod_loss_efm", "mod_loss_cls", "mod_loss_dp", "mod_teacher_entropy", "mod_momentum")
 SEG_LOSSES = ("nnunet", "dice_focal")
+VIEW_PASSES = ("auto", "batched", "per_view")
 
 
 class MODTrainWrapper(nn.Module):
     """Network + MOD student modules as one module, so that DDP wraps (and synchronises) both in one forward.
     Holds references: its parameters are those of ``network`` and ``student``."""
 
-    def __init__(self, network: nn.Module, student: MODStudentModules, token_stage: int):
+    def __init__(self, network: nn.Module, student: MODStudentModules, token_stage: int,
+                 view_chunk: Optional[int] = None):
         super().__init__()
         self.network = network
         self.student = student
         self.token_stage = int(token_stage)
+        self.view_chunk = view_chunk  # None: one pass over [x, views]; n: the views in passes of n samples
 
     def forward(self, x: torch.Tensor, views: Optional[torch.Tensor] = None,
                 voxel_mask: Optional[torch.Tensor] = None,
@@ -66,7 +69,7 @@ class MODTrainWrapper(nn.Module):
         masked tokens (the student head runs on those only). Returns ``seg`` (the network's output for ``x``),
         ``s_cls`` (V·B, K), ``s_patch`` (V·B, n, K) and ``recon`` (V·B, C, ...)."""
         masked = None if views is None else apply_mask(views, voxel_mask, self.student.mask_token)
-        skips, tok = split_forward(self.network.encoder, x, masked, self.token_stage)
+        skips, tok = split_forward(self.network.encoder, x, masked, self.token_stage, self.view_chunk)
         out: Dict[str, Any] = {"seg": self.network.decoder(skips)}
         if tok is not None:
             if self.student.head is not None:
@@ -122,6 +125,10 @@ class MODTrainer(nnxTrainer):
         "mask_min_aspect": _opt(0.3, "block masking: minimum aspect ratio of a block (BEiT/iBOT: 0.3)"),
         "token_stride": _opt(16, "target cumulative stride of the token stage (paper's ViT tokens: 16)"),
         "token_stage": _opt(-1, "encoder stage giving the tokens; -1 = the stage with stride closest to token_stride"),
+        "view_passes": _opt("auto", "how the encoder runs on the clean batch and the views: 'batched' (one pass over "
+                            "the concatenation), 'per_view' (one pass per view at the stock batch size; same "
+                            "result with InstanceNorm), 'auto' = per_view on a CPU, batched otherwise",
+                            choices=VIEW_PASSES),
         # online tokenizer (§2.3, iBOT defaults)
         "out_dim": _opt(8192, "K: output dimension of the projection head (iBOT: 8192)"),
         "head_hidden": _opt(2048, "hidden units of the head's MLP (iBOT: 2048)"),
@@ -261,6 +268,13 @@ class MODTrainer(nnxTrainer):
                                f"{'on' if self.mod_ot else 'off'}, dense predictor {'on' if self.mod_dp else 'off'}; "
                                f"student MOD parameters {n_s:,}, teacher parameters {n_t:,}")
 
+    def mod_view_chunk(self) -> Optional[int]:
+        """Samples per encoder pass over the views (option ``view_passes``): None = one batched pass."""
+        mode = self.nnx_opts["view_passes"]
+        if mode == "batched" or (mode == "auto" and self.device.type != "cpu"):
+            return None
+        return int(self.batch_size)
+
     def configure_optimizers(self):
         self._mod_build()
         return self._mod_configure_optimizers()
@@ -277,7 +291,7 @@ class MODTrainer(nnxTrainer):
 
     def initialize(self):
         super().initialize()
-        wrapper = MODTrainWrapper(unwrap(self.network), self.mod_student, self.mod_token_stage)
+        wrapper = MODTrainWrapper(unwrap(self.network), self.mod_student, self.mod_token_stage, self.mod_view_chunk())
         if self.is_ddp:
             # one DDP module for everything that gets gradients: network + MOD student modules (broadcast from
             # rank 0 here). self.network stays nnU-Net's DDP(network) for validation and checkpoints.
@@ -371,7 +385,7 @@ class MODTrainer(nnxTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out = self._mod_train_module(data, views, vmask, tidx if self.mod_ot else None)
             l_seg = self.loss(out["seg"], target)
-            teacher_out = self.mod_teacher(views) if self.mod_ot else None
+            teacher_out = self.mod_teacher(views, self.mod_view_chunk()) if self.mod_ot else None
         parts = self.mod_losses(out, views, tidx, vmask, teacher_out)
         total = o["lambda_seg"] * l_seg + o["lambda_mod"] * parts["mod"]
 
