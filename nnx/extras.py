@@ -119,16 +119,36 @@ def prepare_image(arr: np.ndarray, props: dict, new_shape, plans_manager, cm, ch
     return np.asarray(data, dtype=np.float32)
 
 
-def onehot(seg: np.ndarray, values: Sequence[int], dtype=np.float32) -> np.ndarray:
-    """``(1, *spatial)`` label map -> ``(len(values), *spatial)`` one-hot (the network-input encoding of a label
-    entry; used identically in training batches, validation and nnx_predict)."""
+def onehot(seg: np.ndarray, values: Sequence, dtype=np.float32) -> np.ndarray:
+    """``(1, *spatial)`` label map -> ``(len(values), *spatial)`` input channels (the network-input encoding of a
+    label entry; used identically in training batches, validation and nnx_predict).
+
+    Each item of ``values`` defines one channel: an int ``v`` gives the one-hot channel ``seg == v``; a list of
+    ``[value, weight]`` pairs gives ``sum(weight * (seg == value))``, so a trainer can group classes (weights 1) or
+    encode the map as one scaled channel (e.g. ``[[1, 0.2], [2, 0.4], ...]``) through
+    :meth:`nnx.trainer_base.nnxTrainerMixin.nnx_input_encoding`."""
     if seg.shape[0] != 1:
         raise ValueError(f"expected a one-channel label map (1, *spatial), got shape {seg.shape}")
     s = np.asarray(seg[0])
     out = np.zeros((len(values), *s.shape), dtype=dtype)
     for i, v in enumerate(values):
-        out[i] = s == v
+        if isinstance(v, (list, tuple)):
+            for val, w in v:
+                out[i][s == int(val)] += w
+        else:
+            out[i] = s == v
     return out
+
+
+def input_label_values(values: Sequence) -> List[int]:
+    """The label values an input encoding (see :func:`onehot`) reads, sorted."""
+    out = set()
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.update(int(val) for val, _w in v)
+        else:
+            out.add(int(v))
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def check_input_folders(cases: Sequence[str], image_folder: str, folders: Dict[s
     """Every required input folder given, has exactly one map per case, with the image's geometry and declared
     values. One-line :class:`NNXError` otherwise."""
     from nnx import checks
+    from nnx.extras import input_label_values
     needed = [i["name"] for i in inputs]
     missing = [n for n in needed if n not in folders]
     if missing:
@@ -55,7 +56,7 @@ def check_input_folders(cases: Sequence[str], image_folder: str, folders: Dict[s
         raise NNXError(f"the model does not take input(s) {', '.join(unknown)} (it takes: "
                        f"{', '.join(needed) or 'images only'})")
     for spec in inputs:
-        name, values = spec["name"], set(spec["values"]) | {0}
+        name, values = spec["name"], set(input_label_values(spec["values"])) | {0}
         folder = folders[name]
         if not os.path.isdir(folder):
             raise NNXError(f"{name} input folder not found", folder)

@@ -11,11 +11,14 @@ instantiating it:
                      ``batch``  named entries in every batch: ``coarse``, ``scribbles``, ``train_only``, aux map
                                 names, and ``unlabeled`` (a separate image-only batch, ``unlabeled_batch_size``);
                      ``inputs`` label entries appended one-hot to the network input, in training, validation
-                                and ``nnx_predict`` (which then needs them per test case)
+                                and ``nnx_predict`` (which then needs them per test case); the encoding
+                                (one-hot, grouped, scaled) comes from :meth:`nnx_input_encoding`
 ``nnx_options``      ``{"key": Option(default, "help")}``: its own options (common ones are always there);
                      ranges and combinations are checked in the classmethod ``nnx_check_options``
 ``nnx_memory``       memory profile for planning (see :mod:`nnx.memory`)
 ``nnx_inference_network_is_stock``  False if inference needs more than nnU-Net's own network
+``nnx_overhead_options``  options (key -> string) the ``nnx_bench overhead`` suite gives the trainer, for trainers
+                     that cannot run on their defaults alone (e.g. one that needs a trained model as an option)
 
 Options are read from ``NNX_TRAINER_OPTS`` (set by ``nnx_train`` or by the user under stock ``nnUNetv2_train``),
 validated *before* nnU-Net creates any output folder, applied, and written to ``<fold>/nnx_config.json``.
@@ -52,6 +55,7 @@ class nnxTrainerMixin:
     }
     nnx_memory: Dict[str, Any] = {}
     nnx_inference_network_is_stock: bool = True
+    nnx_overhead_options: Dict[str, str] = {}
 
     @classmethod
     def nnx_check_options(cls, values: Dict[str, Any], source: str) -> None:
@@ -65,6 +69,14 @@ class nnxTrainerMixin:
     def nnx_requirements(cls) -> Dict[str, List[str]]:
         from nnx.registry import requirements
         return requirements(cls)
+
+    def nnx_input_encoding(self, name: str, values: List[int]) -> List:
+        """Channels of the network input ``name`` (an ``inputs`` entry) from its label map: by default one one-hot
+        channel per foreground value. Override to group classes or scale them into one channel: return a list with
+        one item per channel, an int (one-hot of that value) or ``[[value, weight], ...]`` (see
+        :func:`nnx.extras.onehot`). The encoding is stored in the checkpoints (``nnx_inputs``), so ``nnx_predict``
+        applies the same one."""
+        return list(values)
 
     def nnx_extra_state(self) -> Dict[str, Any]:
         """State of plugin-only modules to store in the checkpoint (key ``nnx_extra``). Override."""
@@ -91,9 +103,10 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
         from nnx.tiers import DatasetSpec
         return DatasetSpec.from_dataset_json(self.dataset_json)
 
-    def _nnx_inputs(self) -> List[Tuple[str, List[int]]]:
+    def _nnx_inputs(self) -> List[Tuple[str, List]]:
         spec = self._nnx_spec()
-        return [(n, spec.entry(n).foreground_values) for n in self.nnx_requirements()["inputs"]]
+        return [(n, self.nnx_input_encoding(n, spec.entry(n).foreground_values))
+                for n in self.nnx_requirements()["inputs"]]
 
     def _nnx_entries(self) -> Dict[str, str]:
         """name -> kind of every entry in labeled batches (batch entries + inputs)."""

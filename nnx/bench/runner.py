@@ -5,6 +5,7 @@ Layout of the output folder::
     suite.json                      the resolved suite (what ran)
     workspace/raw, preprocessed     phantom suites only: the phantom and its preprocessed data
     plan.json                       the plans identifier used (and the key of the data it belongs to)
+    plan_<arm>.json                 the same for an arm with its own dataset (trained only, see nnx.bench.suite)
     runs/<arm>/seed<k>/results/     nnUNet_results of that training run (nnU-Net's usual layout)
     runs/<arm>/seed<k>/train.json   finished training (key, wall time); train.log: its output
     runs/<arm>/seed<k>/pred/        test predictions; predict.json: seconds per case
@@ -25,9 +26,9 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from nnx.bench.suite import Arm, Suite, digest
+from nnx.bench.suite import Arm, Suite, arm_reference, digest
 from nnx.errors import NNXError
 from nnx.io_utils import atomic_write_json
 
@@ -56,6 +57,7 @@ class Bench:
         self.say = progress
         self.dataset: Optional[str] = None
         self.plans: Optional[str] = None
+        self.arm_data: Dict[str, Tuple[str, str]] = {}  # arm with its own dataset -> (dataset, plans)
 
     # -- dataset and plans -----------------------------------------------------------------------------------------
     def run_dir(self, arm: Arm, seed: int) -> str:
@@ -65,58 +67,70 @@ class Bench:
         return os.path.join(os.environ["nnUNet_raw"], self.dataset)
 
     def prepare_dataset(self) -> str:
-        ds = self.suite.dataset
+        self.dataset = self._dataset(self.suite.dataset, os.path.join(self.out, "workspace", "phantom.json"))
+        return self.dataset
+
+    def _dataset(self, ds: Dict[str, Any], stamp: str) -> str:
         if "phantom" in ds:
             from nnx.synth import make_dataset
             key = digest(ds)
-            stamp = os.path.join(self.out, "workspace", "phantom.json")
             rec = done(stamp, key)
             if rec and os.path.isdir(os.path.join(os.environ["nnUNet_raw"], rec["dataset"])):
-                self.dataset = rec["dataset"]
-                self.say(f"phantom {self.dataset}: done")
-            else:
-                t0 = time.time()
-                rep = make_dataset(int(ds["phantom_id"]), preset=ds["phantom"], seed=int(ds["phantom_seed"]),
-                                   overwrite=True, **ds["phantom_options"])
-                self.dataset = os.path.basename(rep.folder)
-                shutil.rmtree(os.path.join(os.environ["nnUNet_preprocessed"], self.dataset), ignore_errors=True)
-                atomic_write_json({"key": key, "dataset": self.dataset}, stamp)
-                self.say(f"phantom {self.dataset} written ({time.time() - t0:.0f} s)")
-        else:
-            from nnx import checks
-            self.dataset = checks.resolve_dataset(str(ds["id"]), where=("raw", "preprocessed"))
-        return self.dataset
+                self.say(f"phantom {rec['dataset']}: done")
+                return rec["dataset"]
+            t0 = time.time()
+            rep = make_dataset(int(ds["phantom_id"]), preset=ds["phantom"], seed=int(ds["phantom_seed"]),
+                               overwrite=True, **ds["phantom_options"])
+            dataset = os.path.basename(rep.folder)
+            shutil.rmtree(os.path.join(os.environ["nnUNet_preprocessed"], dataset), ignore_errors=True)
+            atomic_write_json({"key": key, "dataset": dataset}, stamp)
+            self.say(f"phantom {dataset} written ({time.time() - t0:.0f} s)")
+            return dataset
+        from nnx import checks
+        return checks.resolve_dataset(str(ds["id"]), where=("raw", "preprocessed"))
 
     def prepare_plans(self) -> str:
+        self.plans = self._plans(self.dataset, self.suite.dataset, self.suite.data_key(), "plan")
+        return self.plans
+
+    def prepare_arm_datasets(self) -> None:
+        """Arms with their own ``dataset`` (e.g. an organ model that another arm uses): written and planned like the
+        suite's dataset (same ``plans`` settings), stamped in ``workspace/phantom_<slug>.json`` and
+        ``plan_<slug>.json``."""
+        for arm in self.suite.arms:
+            if arm.dataset is None:
+                continue
+            ds = self._dataset(arm.dataset, os.path.join(self.out, "workspace", f"phantom_{arm.slug}.json"))
+            self.arm_data[arm.name] = (ds, self._plans(ds, arm.dataset, self.suite.data_key(arm), f"plan_{arm.slug}"))
+
+    def _plans(self, dataset: str, ds_spec: Dict[str, Any], key: str, stem: str) -> str:
         from nnx.cli.common import default_processes
         from nnx.cli.plan import plan_dataset
         p = self.suite.plans
-        key = self.suite.data_key()
-        stamp = os.path.join(self.out, "plan.json")
+        stamp = os.path.join(self.out, stem + ".json")
         rec = done(stamp, key)
-        pp = os.path.join(os.environ["nnUNet_preprocessed"], self.dataset)
+        pp = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
         if rec and os.path.isfile(os.path.join(pp, rec["plans"] + ".json")):
-            self.plans = rec["plans"]
-            self.say(f"plans {self.plans}: done")
-            return self.plans
+            self.say(f"plans {rec['plans']} of {dataset}: done")
+            return rec["plans"]
         ident = p.get("identifier")
-        if "id" in self.suite.dataset and ident and os.path.isfile(os.path.join(pp, ident + ".json")) \
+        if "id" in ds_spec and ident and os.path.isfile(os.path.join(pp, ident + ".json")) \
                 and self._preprocessed(pp, ident):
-            self.plans = ident
-            self.say(f"plans {ident}: using the existing plans and preprocessed data of {self.dataset}")
+            plans = ident
+            self.say(f"plans {ident}: using the existing plans and preprocessed data of {dataset}")
         else:
             import contextlib
             t0 = time.time()
-            log = os.path.join(self.out, "plan.log")
-            self.say(f"planning and preprocessing {self.dataset} (output in {log})")
+            log = os.path.join(self.out, stem + ".log")
+            self.say(f"planning and preprocessing {dataset} (output in {log})")
             with open(log, "w") as f, contextlib.redirect_stdout(f):
-                self.plans = plan_dataset(self.dataset, [self.suite.configuration], p.get("planner") or "default",
-                                          p.get("gpu_memory_target"), plans_name=ident,
-                                          num_processes=default_processes(), trainer=p.get("trainer"),
-                                          device=self.device)
-            self.say(f"planned and preprocessed {self.dataset} ({self.plans}, {time.time() - t0:.0f} s)")
-        atomic_write_json({"key": key, "plans": self.plans, "dataset": self.dataset}, stamp)
-        return self.plans
+                plans = plan_dataset(dataset, [self.suite.configuration], p.get("planner") or "default",
+                                     p.get("gpu_memory_target"), plans_name=ident,
+                                     num_processes=default_processes(), trainer=p.get("trainer"),
+                                     device=self.device)
+            self.say(f"planned and preprocessed {dataset} ({plans}, {time.time() - t0:.0f} s)")
+        atomic_write_json({"key": key, "plans": plans, "dataset": dataset}, stamp)
+        return plans
 
     def _preprocessed(self, pp: str, ident: str) -> bool:
         from nnx.io_utils import read_json
@@ -130,9 +144,19 @@ class Bench:
         return os.path.isdir(folder) and any(f.endswith(".pkl") for f in os.listdir(folder))
 
     # -- training --------------------------------------------------------------------------------------------------
+    def data_of(self, arm: Arm) -> Tuple[str, str]:
+        """(dataset, plans) the arm trains on."""
+        return self.arm_data.get(arm.name, (self.dataset, self.plans))
+
     def model_dir(self, arm: Arm, seed: int) -> str:
-        return os.path.join(self.run_dir(arm, seed), "results", self.dataset,
-                            f"{arm.trainer}__{self.plans}__{self.suite.configuration}")
+        dataset, plans = self.data_of(arm)
+        return os.path.join(self.run_dir(arm, seed), "results", dataset,
+                            f"{arm.trainer}__{plans}__{self.suite.configuration}")
+
+    def resolved_options(self, arm: Arm, seed: int) -> Dict[str, str]:
+        """The arm's options with every ``@arm:NAME`` value replaced by arm NAME's model folder of the same seed."""
+        return {k: self.model_dir(self.suite.arm(ref), seed) if ref else v
+                for k, v in arm.options.items() for ref in [arm_reference(v)]}
 
     def train(self, arm: Arm, seed: int, status: Callable[[str], None]) -> Dict[str, Any]:
         key = self.suite.run_key(arm, seed)
@@ -151,9 +175,10 @@ class Bench:
         if not resume:
             shutil.rmtree(os.path.join(rdir, "results"), ignore_errors=True)
         atomic_write_json({"key": key}, os.path.join(rdir, "started.json"))
-        cmd = [sys.executable, "-m", "nnx.bench.train_run", str(seed), self.dataset, self.suite.configuration,
-               str(self.suite.fold), "-tr", arm.trainer, "-p", self.plans, "-device", self.device]
-        opts = dict(arm.options)
+        dataset, plans = self.data_of(arm)
+        cmd = [sys.executable, "-m", "nnx.bench.train_run", str(seed), dataset, self.suite.configuration,
+               str(self.suite.fold), "-tr", arm.trainer, "-p", plans, "-device", self.device]
+        opts = self.resolved_options(arm, seed)
         if "save_every" not in opts and str(opts.get("epochs", "")).isdigit():
             # checkpoint_latest.pth five times per run (nnU-Net: every 50 epochs), so a killed run resumes; it does
             # not change the result, so it is not part of the run's key

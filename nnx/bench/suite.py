@@ -24,12 +24,21 @@ A suite names the dataset, the label setting, the trainers ("arms") and how long
     references: {coarse masks: coarseTs}   # folders evaluated as if they were predictions (no training)
     arms:                              # or: trainers: [nnUNetTrainer, RotNPCTrainer]
       - {name: stock, trainer: nnUNetTrainer}
-      - {name: mine, trainer: MyTrainer, options: {K: 3}}
+      - {name: mine, trainer: MyTrainer, options: {K: 3}, measure_options: {warmup_epochs: 0}}
+      # an arm on its own dataset (same keys as 'dataset', planned with the same 'plans' settings) is trained
+      # only (no test, no evaluation, no speed measurement): a model another arm builds on; an option value
+      # "@arm:NAME" is replaced by arm NAME's results folder (<Trainer>__<Plans>__<configuration>) of the same seed
+      # (NAME must come earlier in the list)
+      # - {name: Organs, trainer: nnUNetTrainer, dataset: {phantom: small, phantom_id: 875,
+      #                                                    phantom_options: {task: organs}}}
+      # - {name: GRASP, trainer: GRASPTrainer, options: {anatomy_model: "@arm:Organs"}}
     baseline: stock                    # deltas are taken against this arm (default: the first)
     measure: {steps: 3, rounds: 3, warmup: 2, infer: 3, mode: interleaved, group: 0}
     # group: N > 1 keeps at most N worker processes alive at once (the stock arm runs in every group)
 
-``mode: overhead`` suites only measure (speed and memory of a few training steps; no training, no test set).
+``measure_options`` are merged into an arm's options for the speed and memory measurement only (e.g. to time the
+steady state of a trainer whose schedule switches a module on later). ``mode: overhead`` suites only measure
+(speed and memory of a few training steps; no training, no test set).
 Every arm's options are validated against its trainer before anything runs. Every suite needs an arm with the
 stock ``nnUNetTrainer``: speed and memory are reported as ratios to it.
 
@@ -60,8 +69,14 @@ _DATASET_KEYS = {"id", "phantom", "phantom_id", "phantom_seed", "phantom_options
 _PLANS_KEYS = {"identifier", "gpu_memory_target", "trainer", "planner"}
 _TEST_KEYS = {"source", "images", "labels", "inputs", "tta", "step_size"}
 _MEASURE_KEYS = {"steps", "rounds", "warmup", "infer", "mode", "group"}
-_ARM_KEYS = {"name", "trainer", "options"}
+_ARM_KEYS = {"name", "trainer", "options", "dataset", "measure_options"}
+ARM_REF = "@arm:"
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+()-]+)*$")
+
+
+def arm_reference(value: Any) -> Optional[str]:
+    """``"@arm:NAME"`` -> ``NAME`` (an option value standing for arm NAME's results folder), else None."""
+    return value[len(ARM_REF):] if isinstance(value, str) and value.startswith(ARM_REF) else None
 
 
 @dataclass
@@ -69,6 +84,12 @@ class Arm:
     name: str
     trainer: str
     options: Dict[str, str]  # raw key=value strings (nnx_train --opt), label setting and schedule merged in
+    dataset: Optional[Dict[str, Any]] = None  # its own dataset: trained only (a model other arms refer to)
+    measure_options: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def evaluated(self) -> bool:
+        return self.dataset is None
 
     @property
     def slug(self) -> str:
@@ -96,7 +117,11 @@ class Suite:
 
     @property
     def stock_arm(self) -> Arm:
-        return next(a for a in self.arms if a.trainer == STOCK)
+        return next(a for a in self.arms if a.trainer == STOCK and a.evaluated)
+
+    @property
+    def evaluated_arms(self) -> List[Arm]:
+        return [a for a in self.arms if a.evaluated]
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -105,16 +130,23 @@ class Suite:
         return {"name": self.name, "description": self.description, "mode": self.mode, "dataset": self.dataset,
                 "configuration": self.configuration, "plans": self.plans, "fold": self.fold, "seeds": self.seeds,
                 "test": self.test, "references": self.references, "baseline": self.baseline,
-                "arms": [{"name": a.name, "trainer": a.trainer, "options": a.options} for a in self.arms],
+                "arms": [{"name": a.name, "trainer": a.trainer, "options": a.options,
+                          **({"dataset": a.dataset} if a.dataset is not None else {}),
+                          **({"measure_options": a.measure_options} if a.measure_options else {})}
+                         for a in self.arms],
                 "measure": self.measure, "source": self.source}
 
-    def data_key(self) -> str:
-        """Identity of the planned data: a change re-plans (and so re-runs everything)."""
-        return digest({"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans})
+    def data_key(self, arm: Optional[Arm] = None) -> str:
+        """Identity of the planned data (of an arm with its own dataset): a change re-plans (and re-runs)."""
+        ds = arm.dataset if arm is not None and arm.dataset is not None else self.dataset
+        return digest({"dataset": ds, "configuration": self.configuration, "plans": self.plans})
 
     def run_key(self, arm: Arm, seed: int) -> str:
         options = {k: v for k, v in arm.options.items() if k != "save_every"}  # checkpoint cadence: same result
-        return digest({"data": self.data_key(), "fold": self.fold, "trainer": arm.trainer, "options": options,
+        # an "@arm:NAME" value stands for that arm's run: a change there re-runs this arm too
+        options = {k: (f"{v}#{self.run_key(self.arm(arm_reference(v)), seed)}" if arm_reference(v) else v)
+                   for k, v in options.items()}
+        return digest({"data": self.data_key(arm), "fold": self.fold, "trainer": arm.trainer, "options": options,
                        "seed": seed})
 
 
@@ -129,7 +161,7 @@ def digest(obj: Any) -> str:
 def overhead_suite() -> Dict[str, Any]:
     """Every registered trainer against the stock trainer on one tiny phantom that has every annotation tier,
     anatomy maps, a train-only channel and unlabeled cases (so that every trainer finds what it requires)."""
-    from nnx.registry import trainer_names
+    from nnx.registry import load_trainer, trainer_names
     return {
         "name": "overhead",
         "description": "a few training steps of every registered trainer vs the stock trainer, same plans",
@@ -138,7 +170,10 @@ def overhead_suite() -> Dict[str, Any]:
                     "phantom_options": {"tiers": "expert=0.5,coarse=0.2,scribble=0.2,none=0.1", "pet": "train_only",
                                         "num_train": 10, "num_test": 1}},
         "configuration": "3d_fullres",
-        "trainers": trainer_names(),
+        # a trainer that cannot run on defaults alone (e.g. one that needs a trained model as an option) declares
+        # the options for this suite in its class attribute nnx_overhead_options
+        "arms": [{"trainer": n, "options": dict(getattr(load_trainer(n), "nnx_overhead_options", None) or {})}
+                 for n in trainer_names()],
         # groups of 4 processes (the stock trainer in each): about 1.3 GB of RSS per worker on CPU, so every
         # registered trainer at once would not fit a small machine
         "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 2, "group": 4},
@@ -231,6 +266,24 @@ def _opt_str(value: Any) -> str:
     return str(value)
 
 
+def _parse_dataset(obj: Any, key: str, where: str) -> Dict[str, Any]:
+    dataset = _mapping(obj, key, where, _DATASET_KEYS)
+    if ("id" in dataset) == ("phantom" in dataset):
+        raise NNXError(f"'{key}' needs exactly one of 'id' (an nnU-Net dataset) or 'phantom' (an nnx_synth "
+                       "preset)", where)
+    if "phantom" in dataset:
+        from nnx.synth.dataset import PRESETS
+        if dataset["phantom"] not in PRESETS:
+            raise NNXError(f"unknown phantom preset {dataset['phantom']!r} (presets: {', '.join(PRESETS)})", where)
+        dataset.setdefault("phantom_id", DEFAULT_PHANTOM_ID)
+        dataset.setdefault("phantom_seed", 0)
+        dataset["phantom_options"] = _mapping(dataset.get("phantom_options"), f"{key}.phantom_options", where)
+        _int(dataset["phantom_id"], f"{key}.phantom_id", where, 1)
+    elif any(k.startswith("phantom_") for k in dataset):
+        raise NNXError(f"'phantom_*' keys need '{key}.phantom'", where)
+    return dataset
+
+
 def parse_suite(obj: Dict[str, Any], where: str) -> Suite:
     unknown = sorted(set(obj) - _TOP_KEYS)
     if unknown:
@@ -240,20 +293,7 @@ def parse_suite(obj: Dict[str, Any], where: str) -> Suite:
     if mode not in MODES:
         raise NNXError(f"'mode' must be one of {', '.join(MODES)}, got {mode!r}", where)
 
-    dataset = _mapping(obj.get("dataset"), "dataset", where, _DATASET_KEYS)
-    if ("id" in dataset) == ("phantom" in dataset):
-        raise NNXError("'dataset' needs exactly one of 'id' (an nnU-Net dataset) or 'phantom' (an nnx_synth "
-                       "preset)", where)
-    if "phantom" in dataset:
-        from nnx.synth.dataset import PRESETS
-        if dataset["phantom"] not in PRESETS:
-            raise NNXError(f"unknown phantom preset {dataset['phantom']!r} (presets: {', '.join(PRESETS)})", where)
-        dataset.setdefault("phantom_id", DEFAULT_PHANTOM_ID)
-        dataset.setdefault("phantom_seed", 0)
-        dataset["phantom_options"] = _mapping(dataset.get("phantom_options"), "dataset.phantom_options", where)
-        _int(dataset["phantom_id"], "dataset.phantom_id", where, 1)
-    elif any(k.startswith("phantom_") for k in dataset):
-        raise NNXError("'phantom_*' keys need 'dataset.phantom'", where)
+    dataset = _parse_dataset(obj.get("dataset"), "dataset", where)
 
     configuration = str(obj.get("configuration", "3d_fullres"))
     plans = _mapping(obj.get("plans"), "plans", where, _PLANS_KEYS)
@@ -289,8 +329,15 @@ def parse_suite(obj: Dict[str, Any], where: str) -> Suite:
         raise NNXError(f"'measure.mode' must be one of {', '.join(MEASURE_MODES)}", where)
 
     arms = _parse_arms(obj, where, {**training, **labels})
-    baseline = str(obj.get("baseline") or arms[0].name)
-    if baseline not in [a.name for a in arms]:
+    for a in arms:
+        if a.dataset is not None and a.dataset == dataset:
+            raise NNXError(f"arm '{a.name}': its 'dataset' is the suite's (leave it out)", where)
+        if a.dataset is not None and "phantom" in a.dataset and "phantom" in dataset and \
+                a.dataset["phantom_id"] == dataset["phantom_id"]:
+            raise NNXError(f"arm '{a.name}': its phantom needs a phantom_id other than the suite's "
+                           f"({dataset['phantom_id']})", where)
+    baseline = str(obj.get("baseline") or next(a.name for a in arms if a.evaluated))
+    if baseline not in [a.name for a in arms if a.evaluated]:
         raise NNXError(f"'baseline' {baseline!r} is not an arm (arms: {', '.join(a.name for a in arms)})", where)
     if mode == "full" and not training.get("epochs"):
         raise NNXError("'training.epochs' is required (nnU-Net's default of 1000 epochs is not a benchmark "
@@ -328,12 +375,26 @@ def _parse_arms(obj: Dict[str, Any], where: str, common: Dict[str, str]) -> List
         raw = dict(common)
         raw.update({str(k): _opt_str(v) for k, v in _mapping(item.get("options"), f"arms[{i}].options",
                                                               where).items()})
+        measure_opts = {str(k): _opt_str(v) for k, v in _mapping(item.get("measure_options"),
+                                                                 f"arms[{i}].measure_options", where).items()}
+        for k, v in list(raw.items()) + list(measure_opts.items()):
+            ref = arm_reference(v)
+            if ref is not None and ref not in [a.name for a in arms]:
+                raise NNXError(f"arm '{name}': option {k}={v} must name an earlier arm (arms so far: "
+                               f"{', '.join(a.name for a in arms) or 'none'})", where)
         try:
             nnx_options.resolve(load_trainer(trainer), raw, f"arm '{name}'")
+            nnx_options.resolve(load_trainer(trainer), {**raw, **measure_opts}, f"arm '{name}' (measure_options)")
         except NNXError as e:
             raise NNXError(str(e), where) from None
-        arms.append(Arm(name=name, trainer=trainer, options=raw))
-    if not any(a.trainer == STOCK for a in arms):
+        arm_ds = _parse_dataset(item["dataset"], f"arms[{i}].dataset", where) if "dataset" in item else None
+        if arm_ds is not None and measure_opts:
+            raise NNXError(f"arm '{name}' has its own dataset: it is trained only, 'measure_options' do not apply",
+                           where)
+        arms.append(Arm(name=name, trainer=trainer, options=raw, dataset=arm_ds, measure_options=measure_opts))
+    if not any(a.evaluated for a in arms):
+        raise NNXError("every arm has its own 'dataset': at least one arm must train on the suite's dataset", where)
+    if not any(a.trainer == STOCK and a.evaluated for a in arms):
         raise NNXError(f"no arm runs the stock {STOCK}: speed and memory are reported as ratios to it, and every "
                        f"method is compared with it (add '- {STOCK}')", where)
     return arms

@@ -137,7 +137,8 @@ def run(suite, out: str, device: str) -> int:
     full = suite.mode == "full"
     runs = [(a, s) for s in range(suite.seeds) for a in suite.arms] if full else []
     per_run = 3 if suite.test["source"] == "test" else 2
-    prog = Progress(2 + len(runs) * per_run + (len(suite.references) if full else 0) + 1)
+    n_aux = sum(1 for a, _ in runs if not a.evaluated)  # arms on their own dataset: trained only
+    prog = Progress(2 + len(runs) * per_run - n_aux * (per_run - 1) + (len(suite.references) if full else 0) + 1)
     bench = Bench(suite, out, device, prog.say)
     try:
         prog.start("dataset")
@@ -145,14 +146,18 @@ def run(suite, out: str, device: str) -> int:
         prog.done(bench.dataset)
         prog.start("plan + preprocess")
         bench.prepare_plans()
+        if full:
+            bench.prepare_arm_datasets()
         prog.done(bench.plans)
-        evals: Dict[str, List[Dict[str, Any]]] = {a.name: [] for a in suite.arms}
-        predicts: Dict[str, List[Dict[str, Any]]] = {a.name: [] for a in suite.arms}
+        evals: Dict[str, List[Dict[str, Any]]] = {a.name: [] for a in suite.evaluated_arms}
+        predicts: Dict[str, List[Dict[str, Any]]] = {a.name: [] for a in suite.evaluated_arms}
         for arm, seed in runs:  # all trainings first, then predictions side by side
             prog.start(f"train {arm.name} seed {seed}")
             rec = bench.train(arm, seed, prog.status)
             prog.done(_note(rec, f"{rec['train_s']:.0f} s" + (" (resumed)" if rec.get("resumed") else "")))
         for arm, seed in runs:
+            if not arm.evaluated:
+                continue
             if per_run == 3:
                 prog.start(f"predict {arm.name} seed {seed}")
                 rec = bench.predict(arm, seed)
@@ -232,11 +237,18 @@ def measure(suite, bench, device: str, prog: Progress):
     """(measurements per arm, whether they were already done)"""
     from nnx.bench.measure import measure_arms
     from nnx.bench.runner import done
-    from nnx.bench.suite import digest
+    from nnx.bench.suite import arm_reference, digest
     from nnx.io_utils import atomic_write_json
     m = suite.measure
-    arms = [{"name": a.name, "trainer": a.trainer, "options": a.options} for a in suite.arms]
-    key = digest({"data": suite.data_key(), "arms": arms, "measure": m, "device": device})
+    # arms on their own dataset are not measured; "@arm:NAME" options point at seed 0's model of that arm
+    arms = [{"name": a.name, "trainer": a.trainer, "options": {**bench.resolved_options(a, 0), **a.measure_options}}
+            for a in suite.evaluated_arms]
+    keyed = [{"name": a.name, "trainer": a.trainer, "options": a.options,
+              **({"measure_options": a.measure_options} if a.measure_options else {}),
+              **({"runs": {k: suite.run_key(suite.arm(arm_reference(v)), 0) for k, v in a.options.items()
+                           if arm_reference(v)}} if any(arm_reference(v) for v in a.options.values()) else {})}
+             for a in suite.evaluated_arms]
+    key = digest({"data": suite.data_key(), "arms": keyed, "measure": m, "device": device})
     path = os.path.join(bench.out, "measure", "measure.json")
     rec = done(path, key)
     if rec:
