@@ -1,0 +1,54 @@
+"""``nnx_bench anatomy`` (spec 003 M5 §4-5; issue: anatomy injection vs the image-only trainer).
+
+The two-step GRASP recipe as one suite. Phantom ``small``, lesion task (lesions live only inside liver and kidneys,
+lesion mimics elsewhere), CT + PET channels, anatomy maps for every training and test case (``anatomyTr/Ts``):
+
+* ``Organs`` (trained only, on its own dataset): the stock trainer on a second phantom with the same geometry whose
+  labels are the organ maps (``task: organs``) and whose only channel is CT -- the ``Mirror`` organ model. Planned
+  with the same settings, so its plans match the lesion task's (GRASPTrainer checks patch, spacing and topology);
+* ``nnU-Net``: the stock trainer, image only (the baseline of the deltas, "2c");
+* ``ANA in.``: ``AnatomyInputTrainer`` (anatomy map as one scaled input channel, "3c");
+* ``MultiTask``: ``AnatomyMultiTaskTrainer`` (second decoder on the organ maps, 0.8 L_path + 0.2 L_ana);
+* ``GRASP``: ``GRASPTrainer`` with ``anatomy_model: "@arm:Organs"`` (the Organs model of the same seed); its speed
+  is measured with fusion on (``measure_options``), its inference network is ANA in.'s.
+
+nnx_bench reports Dice, CC-Dice, step-time ratios to the stock trainer and predict s/case; the false-positive and
+false-negative volumes (mL, autoPET definitions), the FP volume outside organs (where the mimics are) and the
+inference ratio GRASP / ANA in. come from ``python -m nnx_plugins.anatomy.volumes <bench output folder>``.
+
+Sized for a CPU: 2 idle cores, 5 arms x 3 seeds x 25 steps (patch 40x80x80, batch 2; ~4 s per stock step, GRASP
+~1.5-2x, MultiTask ~1.3x; fusion from epoch 1 of 5) ≈ 30 min of steps, plus per-epoch and final validation,
+planning two phantoms, prediction of the 8 test cases and the speed measurement: about 50 min. At 25 steps the
+networks are far from converged, so this run checks the pipeline and the overheads more than accuracy. For a GPU
+run copy this dict into a YAML file, raise ``training`` (thesis: 300 epochs; e.g. epochs 300, iters_per_epoch 250 -- fusion then
+starts at epoch 50), use phantom ``medium`` and ``--device cuda``.
+"""
+
+_PHANTOM = {"phantom": "small", "phantom_seed": 0}
+
+SUITE = {
+    "name": "anatomy",
+    "description": ("anatomy injection on the small phantom (lesions only inside organs, mimics elsewhere): nnU-Net "
+                    "(image only) vs ANA in. (anatomy map as input), multi-task (anatomy decoder) and GRASP (frozen "
+                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'); 3 seeds, 25 steps "
+                    "per run (CPU, ~50 min on 2 idle cores)"),
+    "dataset": {**_PHANTOM, "phantom_id": 877,
+                "phantom_options": {"task": "lesion", "tiers": "expert=1.0", "pet": "channel"}},
+    "configuration": "3d_fullres",
+    "fold": 0,
+    "training": {"epochs": 5, "iters_per_epoch": 5, "val_iters": 1},
+    "seeds": 3,
+    "test": {"inputs": {"anatomy": "anatomyTs"}, "tta": False},
+    "arms": [
+        {"name": "Organs", "trainer": "nnUNetTrainer",
+         "dataset": {**_PHANTOM, "phantom_id": 878,
+                     "phantom_options": {"task": "organs", "tiers": "expert=1.0", "pet": "none"}}},
+        {"name": "nnU-Net", "trainer": "nnUNetTrainer"},
+        {"name": "ANA in.", "trainer": "AnatomyInputTrainer"},
+        {"name": "MultiTask", "trainer": "AnatomyMultiTaskTrainer"},
+        {"name": "GRASP", "trainer": "GRASPTrainer", "options": {"anatomy_model": "@arm:Organs"},
+         "measure_options": {"fusion_start_epoch": 0}},
+    ],
+    "baseline": "nnU-Net",
+    "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 3},
+}
