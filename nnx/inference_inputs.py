@@ -4,7 +4,7 @@ A trainer whose ``nnx_requires["inputs"]`` is non-empty stores ``nnx_inputs`` = 
 checkpoints. ``nnx_predict`` then needs one folder per input (``-inputs coarse=DIR anatomy=DIR``) holding
 ``CASE<file_ending>`` for every case of ``-i``. Each map is validated like the training tiers (geometry of the
 case's image, values declared), goes through the image's preprocessing geometry
-(:func:`nnx.extras.prepare_label_map`) and is appended one-hot (:func:`nnx.extras.onehot`), exactly as in training.
+(:func:`nnx.extras.prepare_label_map`) and is appended with the encoding stored in the model (:func:`nnx.extras.onehot`), exactly as in training.
 """
 from __future__ import annotations
 

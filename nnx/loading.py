@@ -13,7 +13,8 @@ A trainer declares what it needs in ``nnx_requires`` (see :mod:`nnx.trainer_base
 Batch keys: ``data``, ``target``, ``keys`` exactly as nnU-Net's, plus ``tiers`` (tier per sample), one key per
 entry (label maps ``(B, 1, *patch)`` int16, train-only channels ``(B, C, *patch)`` float32) and, if requested,
 ``unlabeled`` = ``{"data", "keys", <entries>}`` with its own batch size. Label entries listed as network inputs are
-additionally appended to ``data`` as one-hot channels (:func:`nnx.extras.onehot`), after intensity augmentation,
+additionally appended to ``data`` as channels (one-hot by default, see :func:`nnx.extras.onehot` and the trainer
+hook ``nnx_input_encoding``), after intensity augmentation,
 exactly as nnU-Net appends the previous stage of a cascade.
 
 Augmentation rule: a transform moves voxels (``SpatialTransform``, ``MirrorTransform``, or any transform with
