@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _stock_trainer_module
@@ -84,6 +84,24 @@ class nnxTrainerMixin:
 
     def nnx_load_extra_state(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`nnx_extra_state` returned. Override."""
+
+    def nnx_register_log_keys(self, keys: Sequence[str]) -> None:
+        """Add per-epoch keys to nnU-Net's logger (``self.logger``), padded with NaN up to the epochs already logged,
+        so that a log restored from a checkpoint without them (an older run, another trainer) stays aligned. Call it
+        in ``__init__`` and again after ``load_checkpoint``; then ``self.logger.log(key, value, epoch)`` as usual."""
+        log = self.logger.local_logger.my_fantastic_logging
+        n = len(log.get("epoch_end_timestamps", []))
+        for key in keys:
+            vals = log.setdefault(key, [])
+            vals.extend([float("nan")] * (n - len(vals)))
+
+    def nnx_batch_on_device(self, batch: Dict[str, Any]):
+        """``(data, target)`` of a batch moved to ``self.device``; ``target`` stays a list under deep supervision."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        return data, target
 
 
 class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):

@@ -72,13 +72,6 @@ class _AnatomyMixin:
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
-    def _batch_on_device(self, batch: dict):
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
-            target.to(self.device, non_blocking=True)
-        return data, target
-
     def _step(self, loss: torch.Tensor, params: List[nn.Parameter]) -> None:
         """nnU-Net's backward + clipping (norm 12) + optimizer step, over ``params``."""
         if self.grad_scaler is not None:
@@ -247,7 +240,7 @@ class GRASPTrainer(AnatomyInputTrainer):
         return self._grasp_train_module(data)
 
     def train_step(self, batch: dict) -> dict:
-        data, target = self._batch_on_device(batch)
+        data, target = self.nnx_batch_on_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.grasp_forward(data)
@@ -382,7 +375,7 @@ class AnatomyMultiTaskTrainer(_AnatomyMixin, nnxTrainer):
         return {**res, "l_path": l_path, "l_ana": l_ana}
 
     def train_step(self, batch: dict) -> dict:
-        data, target = self._batch_on_device(batch)
+        data, target = self.nnx_batch_on_device(batch)
         anatomy = batch[AUX_MAP].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():

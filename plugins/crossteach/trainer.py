@@ -178,18 +178,11 @@ class CrossTeachingTrainer(nnxTrainer):
         self._ct_train_module: Optional[nn.Module] = None
         self._ct_plain_loss = None
         self.ct_gen = torch.Generator().manual_seed(int(np.random.randint(0, 2 ** 31 - 1)) + int(self.local_rank))
-        self._ct_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
     # ------------------------------------------------------------------ helpers
     def _do_i_compile(self):
         return False  # the training forward goes through the wrapper and hooks; torch.compile is untested
-
-    def _ct_register_log_keys(self) -> None:
-        log = self.logger.local_logger.my_fantastic_logging
-        n = len(log.get("epoch_end_timestamps", []))
-        for key in LOG_KEYS:
-            vals = log.setdefault(key, [])
-            vals.extend([float("nan")] * (n - len(vals)))
 
     @property
     def ct_total_iterations(self) -> int:
@@ -454,7 +447,7 @@ class CrossTeachingTrainer(nnxTrainer):
             self.ct_projectors.load_state_dict(state["projectors"])
         if self.lr_scheduler is not None:
             self.lr_scheduler.set_iteration(self.ct_it)
-        self._ct_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
 
 # ======================================================================================================== MCSC

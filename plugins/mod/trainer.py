@@ -212,19 +212,12 @@ class MODTrainer(nnxTrainer):
         self.mod_grid = None
         self.mod_rng = np.random.default_rng([int(np.random.randint(0, 2 ** 31 - 1)), int(self.local_rank)])
         self._mod_train_module: Optional[nn.Module] = None
-        self._mod_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
     # ------------------------------------------------------------------ helpers
     def _do_i_compile(self):
         # spec §7: the training forward bypasses network.forward (split encoder pass); torch.compile is untested
         return False
-
-    def _mod_register_log_keys(self) -> None:
-        log = self.logger.local_logger.my_fantastic_logging
-        n = len(log.get("epoch_end_timestamps", []))
-        for key in LOG_KEYS:
-            vals = log.setdefault(key, [])
-            vals.extend([float("nan")] * (n - len(vals)))
 
     @property
     def mod_total_iterations(self) -> int:
@@ -472,7 +465,7 @@ class MODTrainer(nnxTrainer):
             self.mod_teacher.load_state_dict(state["teacher"])
             self.mod_centers.load_state_dict(state["centers"])
         self.mod_it = int(state.get("iteration", 0))
-        self._mod_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
 
 class MODTrainer_paperHP(MODTrainer):

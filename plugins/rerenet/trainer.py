@@ -120,7 +120,7 @@ class ReReNetTrainer(nnxTrainer):
         self.rerenet_K = int(o["K"])
         self.rerenet_stage_weights = stage_weights(self.rerenet_K, o["sigma"], o["stage_index_base"],
                                                    o["stage_weight_norm"])
-        self._rerenet_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -130,13 +130,6 @@ class ReReNetTrainer(nnxTrainer):
 
     def rerenet_dice_only(self) -> bool:
         return self.current_epoch < self.rerenet_warmup_epochs
-
-    def _rerenet_register_log_keys(self) -> None:
-        log = self.logger.local_logger.my_fantastic_logging
-        n = len(log.get("epoch_end_timestamps", []))
-        for key in LOG_KEYS:
-            vals = log.setdefault(key, [])
-            vals.extend([float("nan")] * (n - len(vals)))  # pad when restored from an older log
 
     def _rerenet_gather_sum(self, arr: np.ndarray) -> np.ndarray:
         if not self.is_ddp:
@@ -183,7 +176,7 @@ class ReReNetTrainer(nnxTrainer):
             self.print_to_log_file(f"ReReNet: checkpoint was trained with K={net.K}; continuing with K="
                                    f"{self.rerenet_K} (option K)")
             net.set_num_stages(self.rerenet_K)
-        self._rerenet_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
     # ------------------------------------------------------------------ training
     def _rerenet_step(self, loss: torch.Tensor) -> None:
@@ -198,16 +191,8 @@ class ReReNetTrainer(nnxTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
 
-    def _batch_on_device(self, batch: dict):
-        """(data, target) moved to the trainer's device; target is a list under deep supervision."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
-            target.to(self.device, non_blocking=True)
-        return data, target
-
     def train_step(self, batch: dict) -> dict:
-        data, target = self._batch_on_device(batch)
+        data, target = self.nnx_batch_on_device(batch)
         net = unwrap(self.network)
         image, prev = net.split(data)  # prev = ŷ^0, the coarse mask
         dice_only = self.rerenet_dice_only()
@@ -266,7 +251,7 @@ class ReReNetTrainer(nnxTrainer):
         return out
 
     def validation_step(self, batch: dict) -> dict:
-        data, target = self._batch_on_device(batch)
+        data, target = self.nnx_batch_on_device(batch)
         net = unwrap(self.network)
         dice_only = self.rerenet_dice_only()
         with self._autocast():

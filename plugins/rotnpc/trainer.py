@@ -111,7 +111,7 @@ class RotNPCTrainer(nnxTrainer):
         self.rotnpc_head: RotationHead = None
         self.rotnpc_head_optimizer = None
         self.rotnpc_head_scheduler = None
-        self._rotnpc_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -121,13 +121,6 @@ class RotNPCTrainer(nnxTrainer):
         p = o["pretrain_epochs"] if o["pretrain_epochs"] >= 0 else \
             int(math.floor(o["pretrain_fraction"] * self.num_epochs + 0.5))
         return int(min(max(p, 0), self.num_epochs))
-
-    def _rotnpc_register_log_keys(self) -> None:
-        log = self.logger.local_logger.my_fantastic_logging
-        n = len(log.get("epoch_end_timestamps", []))
-        for key in LOG_KEYS:
-            vals = log.setdefault(key, [])
-            vals.extend([float("nan")] * (n - len(vals)))  # pad when restored from an older log
 
     def _rotnpc_log(self, key: str, value: float) -> None:
         self.logger.log(key, float(value), self.current_epoch)
@@ -335,7 +328,7 @@ class RotNPCTrainer(nnxTrainer):
             self.lr_scheduler = self._rotnpc_finetune_scheduler(self.optimizer)
         else:
             self.lr_scheduler = SegmentPolyLR(self.optimizer, self.initial_lr, self.rotnpc_pretrain_epochs)
-        self._rotnpc_register_log_keys()
+        self.nnx_register_log_keys(LOG_KEYS)
 
 
 __all__ = ["RotNPCTrainer", "SegmentPolyLR", "PRETEXT", "FINETUNE", "LOG_KEYS", "NUM_ROTATION_CLASSES"]
