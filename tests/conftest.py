@@ -35,6 +35,7 @@ def nnunet_env(tmp_path_factory):
     os.environ.update(env)
     os.environ.pop("nnUNet_extTrainer", None)
     os.environ.pop("NNX_TRAINER_OPTS", None)
+    os.environ.pop("NNX_TRAINER_OPTS_SOURCE", None)
     yield env
     for k, v in old.items():
         if v is None:

@@ -316,7 +316,7 @@ def test_grasp_checkpoint_predicts_with_nnunets_own_network_exactly_as_nnx_predi
         assert np.array_equal(a, b)
 
 
-def test_bad_organ_model_folders_give_one_line_errors(tiny_planned, organ_model, tmp_path, capsys):
+def test_bad_organ_model_folders_give_one_line_errors(tiny_planned, organ_model, tmp_path, capsys, monkeypatch):
     from nnx_plugins.anatomy.mirror import load_anatomy_model
     t = _trainer(tiny_planned, "AnatomyInputTrainer")             # this run's plans / dataset.json
 
@@ -359,6 +359,9 @@ def test_bad_organ_model_folders_give_one_line_errors(tiny_planned, organ_model,
     assert "2 input channels" in err(variant("channels", channels))
     assert "not CTNormalization" in err(organ_model, ct=1)           # PET is not a CT channel
     from nnx.cli.train import main                                   # and through nnx_train: one line, exit 2
+    for var in ("NNX_TRAINER_OPTS", "NNX_TRAINER_OPTS_SOURCE", "nnUNet_extTrainer"):  # main() exports them:
+        monkeypatch.setenv(var, "")                 # recorded (an unset variable is not recorded by delenv alone),
+        monkeypatch.delenv(var)                     # so teardown restores it and nothing leaks into later tests
     capsys.readouterr()
     rc = main([tiny_planned.split("_")[0][7:], "3d_fullres", "0", "-tr", "GRASPTrainer", "-device", "cpu", "--opt",
                f"anatomy_model={tmp_path / 'nowhere'}"])
