@@ -1,9 +1,9 @@
 """``nnx_bench mod``: MODTrainer against the stock nnUNetTrainer with few labelled training cases (8 and 16), 3 seeds,
 on the ``small`` phantom, sized for a CPU.
 
-Cost on 2 idle CPU cores: a stock step of the ``small`` plans (patch 40 x 80 x 80, batch 2) takes ~4 s, a MOD step
-~2x that (README "Cost"); 4 arms x 3 seeds x 24 steps ≈ 30 min of training steps, plus per-epoch and final
-validation, test prediction (no TTA) and the interleaved speed measurement ≈ 40 min in all. At 24 steps the
+Cost on 2 idle CPU cores: with nnx's CPU plan of the ``small`` phantom (patch 32 x 64 x 64, batch 2) a stock step
+takes ~0.9 s, a MOD step ~2x that (measured 2.03x / 1.99x, README "Cost"); training, per-epoch and final validation,
+test prediction (no TTA) and the interleaved speed measurement took 68 min on 2 cores shared with other runs. At 24 steps the
 networks are far from converged: this run checks the pipeline and the overheads (step-time ratio ~1.9-2.1,
 inference ratio 1.00) more than accuracy. For a meaningful accuracy comparison copy this dict into a YAML file,
 raise ``training`` (e.g. epochs 100, iters_per_epoch 250) and use ``--device cuda``.
