@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from nnx.errors import NNXError
 
@@ -79,6 +79,19 @@ def inference_network_is_stock(cls: type) -> bool:
     same_builder = getattr(cls.build_network_architecture, "__func__", cls.build_network_architecture) is \
         getattr(nnUNetTrainer.build_network_architecture, "__func__", nnUNetTrainer.build_network_architecture)
     return bool(getattr(cls, "nnx_inference_network_is_stock", True)) and same_builder
+
+
+def stock_weights_converter(cls: type) -> Optional[Callable[[dict], dict]]:
+    """For ``nnx_export``: a function from a checkpoint's ``network_weights`` to the weights of nnU-Net's own
+    network (identity for a stock inference network; the trainer's ``nnx_stock_network_weights`` where it overrides
+    it), or None if the trainer's models cannot run as plain nnU-Net models."""
+    if inference_network_is_stock(cls):
+        return lambda weights: weights
+    from nnx.trainer_base import nnxTrainerMixin
+    own = getattr(cls, "nnx_stock_network_weights", None)
+    if own is None or getattr(own, "__func__", own) is nnxTrainerMixin.nnx_stock_network_weights.__func__:
+        return None
+    return own
 
 
 def requirements(cls: type) -> dict:

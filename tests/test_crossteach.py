@@ -504,6 +504,51 @@ def test_checkpoint_reload_in_stock_predictor(mcsc, monkeypatch):
         tr3.load_checkpoint(path)
 
 
+def test_export_of_the_cnn_runs_in_plain_nnunet(mcsc, tmp_path, monkeypatch, capsys):
+    """infer_mode=cnn: nnx_export writes the CNN alone, which stock nnU-Net's predictor loads WITHOUT nnx (no
+    nnUNet_extTrainer) and runs with the DualNet's inference output; infer_mode=mean cannot be exported (one-line
+    error naming the checkpoint, no output folder)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from nnx.cli.export import main as nnx_export
+    tr = mcsc["tr"]
+    ckpt = os.path.join(tr.output_folder, "checkpoint_final.pth")
+    tr.save_checkpoint(ckpt)
+    out = tmp_path / "exported"
+    args = ["-d", str(TINY_ID), "-c", "3d_fullres", "-f", "0", "-tr", "MCSCTrainer", "-p", PLANS, "-o", str(out)]
+    assert nnx_export(args) == 0
+    ck = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["trainer_name"] == "nnUNetTrainer" and ck["nnx_trainer_name"] == "MCSCTrainer"
+    assert "nnx_extra" not in ck and not any(k.startswith(("a.", "b.", "_extra")) for k in ck["network_weights"])
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    monkeypatch.delenv("NNX_TRAINER_OPTS", raising=False)
+    p = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
+                        allow_tqdm=False)
+    p.initialize_from_trained_model_folder(str(out), (0,))
+    assert type(p.network) is PlainConvUNet
+    x = torch.randn(1, tr.num_input_channels, 16, 32, 32)
+    tr.network.eval()
+    tr.set_deep_supervision_enabled(False)
+    p.network.eval()
+    try:
+        with torch.no_grad():
+            assert torch.equal(p.network(x), tr.network(x))
+    finally:
+        tr.set_deep_supervision_enabled(True)
+        tr.network.train()
+    tr.dual.set_infer_mode("mean")
+    try:
+        tr.save_checkpoint(ckpt)
+    finally:
+        tr.dual.set_infer_mode("cnn")
+    capsys.readouterr()
+    out2 = tmp_path / "exported_mean"
+    assert nnx_export(args[:-1] + [str(out2)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "infer_mode='mean'" in err[0] and ckpt in err[0]
+    assert not out2.exists() and not any(f.name.startswith(out2.name) for f in tmp_path.iterdir())
+
+
 def test_mcscv2_step_banks_and_certainty(ct_env, monkeypatch):
     tr = _make("MCSCv2Trainer", SMALL + " v2_bank_size=400 epochs=2 iters_per_epoch=5", monkeypatch, ct_env)
     tr.initialize()

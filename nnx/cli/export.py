@@ -1,8 +1,10 @@
 """``nnx_export``: write a model folder that stock ``nnUNetv2_predict_from_modelfolder`` loads without nnx.
 
-Only for trainers whose inference network is nnU-Net's own network: the checkpoint's trainer name becomes
-``nnUNetTrainer``, plugin-only state (``nnx_extra``), optimizer and grad-scaler state are dropped, and the
-original trainer name is kept as ``nnx_trainer_name`` for provenance.
+Only for trainers whose inference network is nnU-Net's own network, or whose inference output is that of one stock
+network inside their own module (the trainer's ``nnx_stock_network_weights`` extracts it, e.g. the CNN of a CNN +
+Transformer pair): the checkpoint's trainer name becomes ``nnUNetTrainer``, plugin-only state (``nnx_extra``),
+optimizer and grad-scaler state are dropped, and the original trainer name is kept as ``nnx_trainer_name`` for
+provenance.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def stock_checkpoint(ckpt: dict, trainer_name: str) -> dict:
+def stock_checkpoint(ckpt: dict, trainer_name: str, weights: dict) -> dict:
     out = {k: ckpt[k] for k in KEEP_KEYS if k in ckpt}
+    out["network_weights"] = weights
     out["trainer_name"] = STOCK_TRAINER
     out["nnx_trainer_name"] = trainer_name
     out["optimizer_state"] = None
@@ -63,10 +66,11 @@ def main(argv):
     from nnx import checks
     from nnx.cli.predict import model_folder
     from nnx.io_utils import atomic_dir
-    from nnx.registry import inference_network_is_stock, load_trainer
+    from nnx.registry import load_trainer, stock_weights_converter
 
     cls = load_trainer(args.tr)
-    if not inference_network_is_stock(cls):
+    convert = stock_weights_converter(cls)
+    if convert is None:
         raise NNXError(f"trainer {args.tr} uses its own inference network, so its models cannot run as plain "
                        f"nnU-Net models; predict with nnx_predict (or stock nnU-Net with nnUNet_extTrainer set)")
     checks.require_env("nnUNet_results")
@@ -90,10 +94,15 @@ def main(argv):
             if os.path.isfile(os.path.join(src, name)):
                 shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
         for f, ckpt in ckpts.items():
-            verify_stock_network(tmp, ckpt["network_weights"], ckpt["init_args"]["configuration"],
-                                 os.path.join(src, f"fold_{f}", args.chk))
+            where = os.path.join(src, f"fold_{f}", args.chk)
+            try:
+                weights = convert(ckpt["network_weights"])
+            except ValueError as e:
+                raise NNXError(f"cannot export this checkpoint as a plain nnU-Net model: {e}", where) from None
+            verify_stock_network(tmp, weights, ckpt["init_args"]["configuration"], where)
             os.makedirs(os.path.join(tmp, f"fold_{f}"))
-            torch.save(stock_checkpoint(ckpt, args.tr), os.path.join(tmp, f"fold_{f}", "checkpoint_final.pth"))
+            torch.save(stock_checkpoint(ckpt, args.tr, weights),
+                       os.path.join(tmp, f"fold_{f}", "checkpoint_final.pth"))
     print(f"nnx_export: exported {args.tr} ({dataset_name}, {args.c}, folds {', '.join(args.f)}) to {args.o}")
     print(f"  predict with stock nnU-Net: nnUNetv2_predict_from_modelfolder -i INPUT -o OUTPUT -m {args.o} "
           f"-f {' '.join(args.f)}")

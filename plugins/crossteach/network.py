@@ -154,6 +154,16 @@ class DualNet(nn.Module):
         return torch.log(((pa + pb) / 2).clamp_min(1e-12))
 
 
+def cnn_weights(weights: Dict[str, Any]) -> Dict[str, Any]:
+    """The planned CNN's weights from a DualNet state dict whose ``infer_mode`` is ``cnn`` (its inference output is
+    then exactly that stock network's); ``ValueError`` for ``second`` / ``mean``, whose output needs the pair."""
+    mode = {**DEFAULT_CONFIG, **dict(weights.get("_extra_state") or {})}["infer_mode"]
+    if mode != "cnn":
+        raise ValueError(f"its inference output is infer_mode={mode!r}, which needs the second network; only "
+                         f"infer_mode='cnn' (the CNN alone) runs as nnU-Net's own network")
+    return {k[2:]: v for k, v in weights.items() if k.startswith("a.")}
+
+
 def build_dual_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                        enable_deep_supervision: bool = True, config: Optional[Dict[str, Any]] = None) -> DualNet:
     """What the trainers' ``build_network_architecture`` returns (``config`` = DEFAULT_CONFIG at prediction time;

@@ -39,7 +39,7 @@ from nnx.trainer_base import nnxTrainer
 from .certainty import (ClassMemoryBank, anchor_mask, class_ranks, entropy, entropy_threshold, negative_mask)
 from .heads import SCALES, FeatureTaps, Projectors, candidate_modules, gather_voxels, probe_taps
 from .losses import balanced_supcon_loss, certainty_contrast_loss, cps_dice_loss
-from .network import (INFER_MODES, SECOND_NETWORKS, DualNet, build_dual_network, full_resolution, unwrap)
+from .network import (INFER_MODES, SECOND_NETWORKS, DualNet, build_dual_network, cnn_weights, full_resolution, unwrap)
 from .sampling import block_group_positions, resample_nearest
 from .schedules import PerGroupPolyLR, cps_weight, uncertain_fraction
 
@@ -153,6 +153,11 @@ class CrossTeachingTrainer(nnxTrainer):
                 check_options({k: v[k] for k in CSUNET_OPTIONS})
             except ValueError as e:
                 raise NNXError(str(e), src) from None
+
+    @classmethod
+    def nnx_stock_network_weights(cls, weights: Dict[str, Any]) -> Dict[str, Any]:
+        """nnx_export: with ``infer_mode=cnn`` (the default) the inference output is the planned CNN's alone."""
+        return cnn_weights(weights)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
