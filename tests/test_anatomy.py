@@ -158,7 +158,7 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     b.arm_data["Organs"] = ("Dataset878_PhantomSmall", "nnUNetPlans")
     opts = b.resolved_options(grasp, 2)
     assert opts["anatomy_model"] == "/tmp/out/runs/Organs/seed2/results/Dataset878_PhantomSmall/" \
-                                    "nnUNetTrainer__nnUNetPlans__3d_fullres"
+                                    f"nnUNetTrainer__nnUNetPlans__{s.configuration}"
     bad = copy.deepcopy(SUITE)
     bad["arms"] = [bad["arms"][-1]] + bad["arms"][:-1]               # GRASP before Organs
     with pytest.raises(NNXError, match="earlier arm"):

@@ -16,12 +16,14 @@ nnx_bench reports Dice, CC-Dice, step-time ratios to the stock trainer and predi
 false-negative volumes (mL, autoPET definitions), the FP volume outside organs (where the mimics are) and the
 inference ratio GRASP / ANA in. come from ``python -m nnx_plugins.anatomy.volumes <bench output folder>``.
 
-Sized for a CPU: 2 idle cores, 5 arms x 3 seeds x 25 steps (patch 40x80x80, batch 2; ~4 s per stock step, GRASP
-~1.5-2x, MultiTask ~1.3x; fusion from epoch 1 of 5) ≈ 30 min of steps, plus per-epoch and final validation,
-planning two phantoms, prediction of the 8 test cases and the speed measurement: about 50 min. At 25 steps the
-networks are far from converged, so this run checks the pipeline and the overheads more than accuracy. For a GPU
-run copy this dict into a YAML file, raise ``training`` (thesis: 300 epochs; e.g. epochs 300, iters_per_epoch 250 -- fusion then
-starts at epoch 50), use phantom ``medium`` and ``--device cuda``.
+Sized for a CPU: the ``2d`` configuration (nnx's CPU plan: patch 80x80, batch 2; ~0.09 s per stock step at one
+thread), 20 epochs x 100 iterations = 2000 steps per run, GRASP's fusion from epoch 3 of 20 (``fusion_start_epoch``
+default round(epochs / 6), the thesis' 50 of 300). 5 arms x 3 seeds: ~90 min on 2 cores. A first version ran
+``3d_fullres`` for 25 steps (patch 32x64x64, ~4 s per step): no arm learned anything (Dice <= 0.08), so it measured
+only the overheads; in 2d, 2000 steps give a lesion Dice of ~0.2-0.3 (one-seed probe). For a GPU run copy this dict
+into a YAML file, set ``configuration: 3d_fullres`` (the thesis' setting), raise ``training`` (thesis: 300 epochs;
+e.g. epochs 300, iters_per_epoch 250 -- fusion then starts at epoch 50), use phantom ``medium`` and
+``--device cuda``.
 """
 
 _PHANTOM = {"phantom": "small", "phantom_seed": 0}
@@ -30,13 +32,13 @@ SUITE = {
     "name": "anatomy",
     "description": ("anatomy injection on the small phantom (lesions only inside organs, mimics elsewhere): nnU-Net "
                     "(image only) vs ANA in. (anatomy map as input), multi-task (anatomy decoder) and GRASP (frozen "
-                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'); 3 seeds, 25 steps "
-                    "per run (CPU, ~50 min on 2 idle cores)"),
+                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'); 2d, 3 seeds, 2000 "
+                    "steps per run (CPU, ~90 min on 2 cores; 3d_fullres and longer training for a GPU run)"),
     "dataset": {**_PHANTOM, "phantom_id": 877,
                 "phantom_options": {"task": "lesion", "tiers": "expert=1.0", "pet": "channel"}},
-    "configuration": "3d_fullres",
+    "configuration": "2d",
     "fold": 0,
-    "training": {"epochs": 5, "iters_per_epoch": 5, "val_iters": 1},
+    "training": {"epochs": 20, "iters_per_epoch": 100, "val_iters": 5},
     "seeds": 3,
     "test": {"inputs": {"anatomy": "anatomyTs"}, "tta": False},
     "arms": [
