@@ -18,9 +18,9 @@ inference ratio GRASP / ANA in. come from ``python -m nnx_plugins.anatomy.volume
 
 Sized for a CPU: the ``2d`` configuration (nnx's CPU plan: patch 80x80, batch 2; ~0.09 s per stock step at one
 thread), 20 epochs x 100 iterations = 2000 steps per run, GRASP's fusion from epoch 3 of 20 (``fusion_start_epoch``
-default round(epochs / 6), the thesis' 50 of 300). 5 arms x 3 seeds: ~90 min on 2 cores. A first version ran
+default round(epochs / 6), the thesis' 50 of 300). 5 arms x 3 seeds: 80 min on 2 cores (measured, README). A first version ran
 ``3d_fullres`` for 25 steps (patch 32x64x64, ~4 s per step): no arm learned anything (Dice <= 0.08), so it measured
-only the overheads; in 2d, 2000 steps give a lesion Dice of ~0.2-0.3 (one-seed probe). For a GPU run copy this dict
+only the overheads; in 2d, 2000 steps give a lesion Dice of 0.15-0.38. For a GPU run copy this dict
 into a YAML file, set ``configuration: 3d_fullres`` (the thesis' setting), raise ``training`` (thesis: 300 epochs;
 e.g. epochs 300, iters_per_epoch 250 -- fusion then starts at epoch 50), use phantom ``medium`` and
 ``--device cuda``.
@@ -33,7 +33,7 @@ SUITE = {
     "description": ("anatomy injection on the small phantom (lesions only inside organs, mimics elsewhere): nnU-Net "
                     "(image only) vs ANA in. (anatomy map as input), multi-task (anatomy decoder) and GRASP (frozen "
                     "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'); 2d, 3 seeds, 2000 "
-                    "steps per run (CPU, ~90 min on 2 cores; 3d_fullres and longer training for a GPU run)"),
+                    "steps per run (CPU, ~80 min on 2 cores; 3d_fullres and longer training for a GPU run)"),
     "dataset": {**_PHANTOM, "phantom_id": 877,
                 "phantom_options": {"task": "lesion", "tiers": "expert=1.0", "pet": "channel"}},
     "configuration": "2d",
