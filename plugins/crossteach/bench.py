@@ -15,13 +15,15 @@ projectors at 0.002 / 0.01), so that the comparison with the stock arms isolates
 than AdamW vs SGD; the thesis' AdamW (5e-4 / 1e-4) is the trainers' default. Their CS-Unet is narrowed to width 32
 (``csunet_embed_dim=32``, thesis 96) for the CPU, the CSUNetTrainer arm alike.
 
-Cost, sized for a CPU: measured with this plan (reduced run, shared machine) a stock step takes ~0.06 s, CTS 2.8x,
-MCSC 3.9x, MCSCv2 6.3x, CSUNetTrainer 1.1x; a run's fixed cost (start, final validation of the fold's ~6 cases,
-test prediction of 8 cases, evaluation) is ~40 s. 33 runs x 200 steps ≈ 20 min of training steps + ~25 min of fixed
-costs + measure: about 45-50 min on 2 idle cores. At 200 steps, with the ramp-up over the run, the cross
-pseudo-supervision weight reaches 0.1 only at the end: expect small semi-supervised effects. For a meaningful comparison copy this dict into a YAML file, drop the
-``optimizer`` / ``lr_*`` / ``csunet_embed_dim`` overrides (thesis settings), raise ``training`` (thesis: 40k
-iterations, e.g. epochs 160 x 250) and run with ``--device cuda`` (nnU-Net's own 2d plan).
+Cost, sized for a CPU: 20 epochs x 100 iterations = 2000 steps per run. Measured with this plan (1 thread, the
+other core busy): a stock step ~0.09 s, CTS 2.7x, MCSC 3.5x (MCSCv2 ~5x, CSUNetTrainer ~1.5x at 200 steps); a
+stock run takes ~4.5 min with its validation, CTS ~12 min, MCSC ~14 min, so the 11 arms x 3 seeds take ~6 h on
+2 CPU cores (the bench resumes where it stopped: run it in parts). A first version ran 200 steps per run and
+resolved nothing (even the all-labeled upper bound scored below the 10 % arm: warm-up and ramp-up dominated); at
+2000 steps the four arms run so far order as expected (nnU-Net 10pct < MCSC, CTS < nnU-Net all; README). For the
+thesis' setting copy this dict into a YAML file, drop the ``optimizer`` / ``lr_*`` / ``csunet_embed_dim`` overrides,
+raise ``training`` (thesis: 40k iterations, e.g. epochs 160 x 250) and run with ``--device cuda`` (nnU-Net's own
+2d plan).
 """
 
 _SSL = {"optimizer": "sgd", "lr_cnn": 0.01, "lr_second": 0.002, "lr_proj": 0.01, "csunet_embed_dim": 32}
@@ -46,12 +48,12 @@ def _arms():
 SUITE = {
     "name": "crossteach",
     "description": ("CTS / MCSC / MCSCv2 cross-teaching vs nnU-Net on the labeled cases, CS-Unet on the labeled cases "
-                    "and nnU-Net on all cases; small phantom, 10 % and 25 % labeled, 2d, 3 seeds, 200 steps per run "
-                    "(CPU, ~50 min on 2 idle cores; raise 'training' for a GPU run)"),
+                    "and nnU-Net on all cases; small phantom, 10 % and 25 % labeled, 2d, 3 seeds, 2000 steps per run "
+                    "(CPU: ~6 h on 2 cores, resumable; a GPU run takes a fraction of that)"),
     "dataset": {"phantom": "small", "phantom_id": 874, "phantom_seed": 0, "phantom_options": {"tiers": "expert=1.0"}},
     "configuration": "2d",
     "fold": 0,
-    "training": {"epochs": 10, "iters_per_epoch": 20, "val_iters": 2},
+    "training": {"epochs": 20, "iters_per_epoch": 100, "val_iters": 2},
     "seeds": 3,
     "test": {"tta": False},
     "arms": _arms(),
