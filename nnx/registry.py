@@ -83,15 +83,11 @@ def inference_network_is_stock(cls: type) -> bool:
 
 def stock_weights_converter(cls: type) -> Optional[Callable[[dict], dict]]:
     """For ``nnx_export``: a function from a checkpoint's ``network_weights`` to the weights of nnU-Net's own
-    network (identity for a stock inference network; the trainer's ``nnx_stock_network_weights`` where it overrides
-    it), or None if the trainer's models cannot run as plain nnU-Net models."""
+    network (identity for a stock inference network, else the trainer's ``nnx_stock_network_weights``), or None if
+    the trainer's models cannot run as plain nnU-Net models."""
     if inference_network_is_stock(cls):
         return lambda weights: weights
-    from nnx.trainer_base import nnxTrainerMixin
-    own = getattr(cls, "nnx_stock_network_weights", None)
-    if own is None or getattr(own, "__func__", own) is nnxTrainerMixin.nnx_stock_network_weights.__func__:
-        return None
-    return own
+    return getattr(cls, "nnx_stock_network_weights", None)
 
 
 def requirements(cls: type) -> dict:

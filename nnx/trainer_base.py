@@ -17,9 +17,10 @@ instantiating it:
                      ranges and combinations are checked in the classmethod ``nnx_check_options``
 ``nnx_memory``       memory profile for planning (see :mod:`nnx.memory`)
 ``nnx_inference_network_is_stock``  False if inference needs more than nnU-Net's own network
-``nnx_stock_network_weights(weights)``  classmethod for trainers whose inference network is their own module but
-                     whose inference *output* can be nnU-Net's own network's (e.g. one member of a pair): the
-                     weights of that stock network, or ``ValueError(reason)``; ``nnx_export`` uses it
+``nnx_stock_network_weights``  None, or for trainers whose inference network is their own module but whose
+                     inference *output* can be nnU-Net's own network's (e.g. one member of a pair) a function from a
+                     checkpoint's ``network_weights`` to that stock network's weights, raising ``ValueError(reason)``
+                     for a stored configuration that needs more; ``nnx_export`` uses it
 ``nnx_overhead_options``  options (key -> string) the ``nnx_bench overhead`` suite gives the trainer, for trainers
                      that cannot run on their defaults alone (e.g. one that needs a trained model as an option)
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as _stock_trainer_module
@@ -58,6 +59,7 @@ class nnxTrainerMixin:
     }
     nnx_memory: Dict[str, Any] = {}
     nnx_inference_network_is_stock: bool = True
+    nnx_stock_network_weights: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     nnx_overhead_options: Dict[str, str] = {}
 
     @classmethod
@@ -67,17 +69,6 @@ class nnxTrainerMixin:
         Overrides should call ``super().nnx_check_options(values, source)``."""
         if values.get("unlabeled_batch_size", 0) < 0:
             raise NNXError("option 'unlabeled_batch_size' must be >= 0", source)
-
-    @classmethod
-    def nnx_stock_network_weights(cls, weights: Dict[str, Any]) -> Dict[str, Any]:
-        """Weights of nnU-Net's own network that computes the same inference output as ``weights`` (a checkpoint's
-        ``network_weights``), for ``nnx_export``. Default: the weights themselves if the inference network is stock;
-        otherwise raise ``ValueError`` with the reason. Override for an inference module that, for some stored
-        configuration, only runs one stock sub-network; ``nnx_export`` checks the result loads strictly."""
-        from nnx.registry import inference_network_is_stock
-        if inference_network_is_stock(cls):
-            return weights
-        raise ValueError(f"trainer {cls.__name__} uses its own inference network")
 
     @classmethod
     def nnx_requirements(cls) -> Dict[str, List[str]]:

@@ -154,10 +154,8 @@ class CrossTeachingTrainer(nnxTrainer):
             except ValueError as e:
                 raise NNXError(str(e), src) from None
 
-    @classmethod
-    def nnx_stock_network_weights(cls, weights: Dict[str, Any]) -> Dict[str, Any]:
-        """nnx_export: with ``infer_mode=cnn`` (the default) the inference output is the planned CNN's alone."""
-        return cnn_weights(weights)
+    # nnx_export: with infer_mode=cnn (the default) the inference output is the planned CNN's alone
+    nnx_stock_network_weights = staticmethod(cnn_weights)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
