@@ -136,7 +136,7 @@ SUITE = """\
 name: mini
 description: two arms of the stock trainer (different learning rates), two seeds, coarse masks as a reference
 dataset: {id: %d}
-configuration: 3d_fullres
+configuration: 2d
 training: {epochs: 1, iters_per_epoch: 2, val_iters: 1}
 seeds: 2
 test: {tta: false}
