@@ -211,3 +211,32 @@ def test_table_lists_every_trainer_and_budget(big):
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("  ") and "GB" in ln and "predicted" not in ln]
     for name in trainer_names():
         assert len([ln for ln in rows if ln.split()[0] == name]) == 6, name
+
+
+def test_fingerprint_sample_count_from_the_flag_or_the_environment(tiny_dataset, monkeypatch, capsys):
+    """nnU-Net's extractor samples 1e8 foreground voxels whatever the dataset's size; --fingerprint-samples /
+    $NNX_FINGERPRINT_SAMPLES set that number (the flag wins), and a bad value stops nnx_plan in one line."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnx.cli import plan
+    seen = []
+    monkeypatch.setattr(DatasetFingerprintExtractor, "run",
+                        lambda self, overwrite_existing=False: seen.append(
+                            (self.num_foreground_voxels_for_intensitystats, overwrite_existing)))
+    plan.extract_fingerprint(TINY_ID, 1, True, samples=5000)
+    plan.extract_fingerprint(TINY_ID, 1, True)
+    assert seen == [(5000, True), (1e8, True)]
+    monkeypatch.setenv("NNX_FINGERPRINT_SAMPLES", "2e6")
+    assert plan.fingerprint_samples() == 2_000_000 and plan.fingerprint_samples(3000) == 3000
+    monkeypatch.delenv("NNX_FINGERPRINT_SAMPLES")
+    assert plan.fingerprint_samples() is None
+    capsys.readouterr()
+    for env, args, needle in (("lots", [], "NNX_FINGERPRINT_SAMPLES must be a number of voxels, got 'lots'"),
+                              (None, ["--fingerprint-samples", "10"], "--fingerprint-samples must be >= 1000, got 10")):
+        if env is None:
+            monkeypatch.delenv("NNX_FINGERPRINT_SAMPLES", raising=False)
+        else:
+            monkeypatch.setenv("NNX_FINGERPRINT_SAMPLES", env)
+        assert plan.main(["-d", str(TINY_ID), "-c", "3d_fullres", "--no-preprocess", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert seen == [(5000, True), (1e8, True)]  # nothing was extracted

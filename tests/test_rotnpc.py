@@ -243,9 +243,9 @@ def rotnpc_env(tmp_path_factory):
     mp.setenv("nnUNet_compile", "0")
     try:
         raw_ds = _write_dataset(str(root / "raw"))
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
-        extract_fingerprints([DATASET_ID], num_processes=1, verbose=False, show_progress_bar=False)
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiments, preprocess
+        from nnx.cli.plan import extract_fingerprint
+        extract_fingerprint(DATASET_ID, 1, True, samples=1_000_000)  # nnU-Net's extractor, 1e6 samples (not 1e8)
         plan_experiments([DATASET_ID])
         preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), show_progress_bar=False)
         mp.setenv("nnUNet_n_proc_DA", "0")
