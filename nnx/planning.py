@@ -186,6 +186,16 @@ def plans_name_for(preset: str, trainer: str, budget: Optional[float], device: s
     return f"nnx{tag}Plans_{trainer}_{where}"
 
 
+def _refuse_to_replace_stock_plans(dataset_name: str, name: str) -> None:
+    """nnx plans never overwrite a plans file that nnU-Net's own planning wrote (no ``nnx`` block): a user's
+    nnUNetPlans.json may have trained models next to it."""
+    from nnx.io_utils import read_json
+    path = os.path.join(os.environ["nnUNet_preprocessed"], dataset_name, name + ".json")
+    if os.path.isfile(path) and "nnx" not in read_json(path, "plans file"):
+        raise NNXError(f"plans '{name}' are nnU-Net's own; nnx plans (for a trainer, a budget or -device cpu) would "
+                       f"overwrite them: give them another name (-overwrite_plans_name) or leave it to nnx", path)
+
+
 def plan_for_trainer(dataset_name: str, trainer: str, budget: Optional[float] = None, preset: str = "default",
                      device: str = "cuda", plans_name: Optional[str] = None, verbose: bool = False) -> Tuple[str, dict]:
     """Plan ``dataset_name`` for ``trainer`` (fingerprint must exist). Writes and returns (identifier, plans)."""
@@ -196,6 +206,7 @@ def plan_for_trainer(dataset_name: str, trainer: str, budget: Optional[float] = 
     if budget <= 0:
         raise NNXError(f"-gpu_memory_target must be > 0, got {budget:g}")
     name = plans_name or plans_name_for(preset, trainer, budget, device)
+    _refuse_to_replace_stock_plans(dataset_name, name)
     P = planner_class(preset, profile, device)
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():

@@ -155,6 +155,10 @@ def test_bench_runs_resumes_after_a_kill_and_reports(tiny_planned, tmp_path):
     out = tmp_path / "out"
     cmd = BENCH + [str(suite), "--out", str(out), "--device", "cpu"]
     first = out / "runs" / "nnUNetTrainer" / "seed0" / "train.json"
+    # the suite's plans default to nnUNetPlans; its 2d is not preprocessed, so the bench plans on the CPU: under
+    # nnx's own name, leaving nnU-Net's plans file alone
+    stock_plans = os.path.join(os.environ["nnUNet_preprocessed"], tiny_planned, "nnUNetPlans.json")
+    stock_before = open(stock_plans, "rb").read()
     # 1) killed (SIGKILL, no cleanup) once the first training has finished
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     t0 = time.time()
@@ -170,6 +174,8 @@ def test_bench_runs_resumes_after_a_kill_and_reports(tiny_planned, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "train nnUNetTrainer seed 0" in r.stdout and "(already done)" in r.stdout
     assert first.read_text() == record
+    assert open(stock_plans, "rb").read() == stock_before
+    assert "plans nnxPlans_nnUNetTrainer_cpu" in (out / "results.md").read_text()
     res = json.loads((out / "results.json").read_text())
     acc = res["accuracy"]
     assert set(acc) == {"nnUNetTrainer", "low lr", "coarse masks"}

@@ -240,3 +240,15 @@ def test_fingerprint_sample_count_from_the_flag_or_the_environment(tiny_dataset,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert seen == [(5000, True), (1e8, True)]  # nothing was extracted
+
+
+def test_nnx_plans_never_overwrite_nnunets_own_plans(tiny_planned, capsys):
+    from nnx.cli import plan
+    path = os.path.join(os.environ["nnUNet_preprocessed"], tiny_planned, "nnUNetPlans.json")
+    before = open(path, "rb").read()
+    capsys.readouterr()
+    assert plan.main(["-d", str(TINY_ID), "-c", "3d_fullres", "-device", "cpu", "-overwrite_plans_name",
+                      "nnUNetPlans", "--no-preprocess"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nnUNetPlans.json" in err[0] and "plans 'nnUNetPlans' are nnU-Net's own" in err[0], err
+    assert open(path, "rb").read() == before

@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from nnx.bench.suite import Arm, Suite, arm_reference, digest
+from nnx.bench.suite import STOCK_PLANS, Arm, Suite, arm_reference, digest
 from nnx.errors import NNXError
 from nnx.io_utils import atomic_write_json
 
@@ -105,7 +105,7 @@ class Bench:
 
     def _plans(self, dataset: str, ds_spec: Dict[str, Any], key: str, stem: str) -> str:
         from nnx.cli.common import default_processes
-        from nnx.cli.plan import plan_dataset
+        from nnx.cli.plan import nnx_planning, plan_dataset
         p = self.suite.plans
         stamp = os.path.join(self.out, stem + ".json")
         rec = done(stamp, key)
@@ -120,6 +120,8 @@ class Bench:
             self.say(f"plans {ident}: using the existing plans and preprocessed data of {dataset}")
         else:
             import contextlib
+            if ident == STOCK_PLANS and nnx_planning(p.get("trainer"), p.get("gpu_memory_target"), self.device):
+                ident = None  # nnx plans (CPU, a trainer, a budget) get nnx's own name, never nnU-Net's plans file
             t0 = time.time()
             log = os.path.join(self.out, stem + ".log")
             self.say(f"planning and preprocessing {dataset} (output in {log})")

@@ -60,6 +60,7 @@ from nnx.errors import NNXError
 
 ENTRY_POINT_GROUP = "nnx.bench_suites"
 STOCK = "nnUNetTrainer"
+STOCK_PLANS = "nnUNetPlans"
 DEFAULT_PHANTOM_ID = 870
 MODES = ("full", "overhead")
 MEASURE_MODES = ("interleaved", "sequential")
@@ -298,7 +299,7 @@ def parse_suite(obj: Dict[str, Any], where: str) -> Suite:
     configuration = str(obj.get("configuration", "3d_fullres"))
     plans = _mapping(obj.get("plans"), "plans", where, _PLANS_KEYS)
     # an existing dataset: its nnUNetPlans are used as they are if preprocessed; a phantom is planned here
-    plans.setdefault("identifier", "nnUNetPlans" if "id" in dataset else None)
+    plans.setdefault("identifier", STOCK_PLANS if "id" in dataset else None)
     fold = _int(obj.get("fold", 0), "fold", where, 0)
     seeds = _int(obj.get("seeds", 1), "seeds", where, 1)
     labels = {k: _opt_str(v) for k, v in _mapping(obj.get("labels"), "labels", where,

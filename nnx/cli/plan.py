@@ -94,6 +94,11 @@ def _planning_safe_env():
             os.environ["nnUNet_n_proc_DA"] = old
 
 
+def nnx_planning(trainer=None, gpu_memory_target=None, device: str = "cuda", measured: bool = False) -> bool:
+    """Whether nnx_plan writes nnx plans (its own identifier) rather than nnU-Net's own."""
+    return trainer is not None or gpu_memory_target is not None or device == "cpu" or measured
+
+
 def plan_dataset(dataset_name: str, configurations, planner: str = "default", gpu_memory_target=None,
                  plans_name=None, num_processes=None, verify=False, preprocess=True, clean=False,
                  trainer=None, device: str = "cuda", measure: bool = False, calibrate: bool = False,
@@ -109,7 +114,7 @@ def plan_dataset(dataset_name: str, configurations, planner: str = "default", gp
         preload_trainer(trainer)  # its import overlaps with the checks and fingerprinting
     if gpu_memory_target is not None and gpu_memory_target <= 0:
         raise NNXError(f"-gpu_memory_target must be > 0 GB, got {gpu_memory_target:g}")
-    nnx_mode = trainer is not None or gpu_memory_target is not None or device == "cpu" or measure or calibrate
+    nnx_mode = nnx_planning(trainer, gpu_memory_target, device, measure or calibrate)
     if (measure or calibrate) and not preprocess:
         raise NNXError("--measure/--calibrate train on preprocessed data: drop --no-preprocess")
     if (measure or calibrate) and device == "cuda":
