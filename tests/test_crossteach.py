@@ -262,6 +262,35 @@ def test_memory_bank_fifo_and_per_class_negatives():
     assert torch.equal(other.get(0)[0], bank.get(0)[0]) and other.ptr == bank.ptr
 
 
+def test_one_projection_pass_gives_the_class_means_and_the_bank_rows():
+    """MCSCv2 projects every anchor (class means) and every bank candidate in one chunked no-grad pass: the class
+    sums and counts and the kept rows equal the brute-force projections, whatever the chunk size."""
+    from nnx_plugins.crossteach.heads import stream_projections
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 7, generator=g)
+    feats = torch.randn(1000, 5, generator=g)
+    calls = []
+
+    def project(i):
+        calls.append(i.numel())
+        return torch.nn.functional.normalize(feats[i] @ w, dim=-1)
+
+    idx = torch.unique(torch.randint(0, 1000, (600,), generator=g))
+    labels = torch.randint(0, 4, (idx.numel(),), generator=g)
+    is_mean = torch.rand(idx.numel(), generator=g) > 0.3
+    keep = idx[torch.rand(idx.numel(), generator=g) > 0.5]
+    for chunk in (1, 7, 64, 10000):
+        calls.clear()
+        sums, counts, kept = stream_projections(project, idx, labels, is_mean, keep, 5, 7, chunk)
+        assert sum(calls) == idx.numel()                                   # each voxel projected once
+        for c in range(5):
+            m = is_mean & (labels == c)
+            assert int(counts[c]) == int(m.sum())
+            want = project(idx[m]).sum(0) if m.any() else torch.zeros(7)
+            assert torch.allclose(sums[c], want, atol=1e-5), (chunk, c)
+        assert torch.allclose(kept, project(keep), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ inference network
 def _tiny_unet(seed):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet

@@ -37,7 +37,7 @@ from nnx.options import Option
 from nnx.trainer_base import nnxTrainer
 
 from .certainty import (ClassMemoryBank, anchor_mask, class_ranks, entropy, entropy_threshold, negative_mask)
-from .heads import SCALES, FeatureTaps, Projectors, candidate_modules, gather_voxels, probe_taps
+from .heads import SCALES, FeatureTaps, Projectors, candidate_modules, gather_voxels, probe_taps, stream_projections
 from .losses import balanced_supcon_loss, certainty_contrast_loss, cps_dice_loss
 from .network import (INFER_MODES, SECOND_NETWORKS, DualNet, build_dual_network, cnn_weights, full_resolution, unwrap)
 from .sampling import block_group_positions, resample_nearest
@@ -657,14 +657,6 @@ class MCSCv2Trainer(MCSCTrainer):
                 out[mask] = self.ct_projectors.project(scale, name, flat[idx[mask] - off])
         return out
 
-    @torch.no_grad()
-    def _ct_class_mean(self, scale, fa, fb, idx, chunk: int = 65536) -> torch.Tensor:
-        acc = None
-        for i in range(0, idx.numel(), chunk):
-            z = self._ct_project_flat(scale, fa, fb, idx[i:i + chunk]).sum(0)
-            acc = z if acc is None else acc + z
-        return acc / idx.numel()
-
     def ct_contrast_loss(self, feats, labels_l, parts, bl):
         o = self.nnx_opts
         cert = self.ct_certainty(labels_l, parts, bl, self.ct_labeled_only())
@@ -682,25 +674,35 @@ class MCSCv2Trainer(MCSCTrainer):
             valid = lab >= 0
             is_anchor = anchor_mask(maxp, ent, unl, o["v2_conf"], cert["gamma"]) & valid
             bank = self.ct_banks[scale]
-            anchors, positives, negs, neg_labels = {}, {}, {}, {}
-            for c in range(c_num):
-                idx = torch.nonzero(is_anchor & (lab == c)).flatten()
-                if idx.numel() == 0:
-                    continue
-                positives[c] = self._ct_class_mean(scale, fa, fb, idx)          # a_p: mean of ALL anchors of c
-                pick = idx[torch.randperm(idx.numel(), generator=gen)[: o["v2_anchors"]].to(idx.device)]
-                anchors[c] = self._ct_project_flat(scale, fa, fb, pick)
-                negs[c], neg_labels[c] = bank.sample(c, o["v2_negatives"], gen)
-            l_s = certainty_contrast_loss(anchors, positives, negs, neg_labels, o["cl_temperature"])
-            # bank update after the loss (spec §5.2 recommendation), detached
             with torch.no_grad():
+                # this step's bank candidates per class (at most t_b*K each), then ONE no-grad projection pass over
+                # every anchor (class means) and every candidate: a voxel is projected once, not once per class
+                push = {}
                 for c in range(c_num):
                     cand = torch.nonzero(negative_mask(c, lab, ranks[:, c], ent, unl, cert["gamma"], o["v2_rank_low"],
                                                        self.ct_rank_high, c_num) & valid).flatten()
                     if cand.numel() > bank.max_push:
                         cand = cand[torch.randperm(cand.numel(), generator=gen)[: bank.max_push].to(cand.device)]
-                    if cand.numel():
-                        bank.push(c, self._ct_project_flat(scale, fa, fb, cand), lab[cand], gen)
+                    push[c] = cand
+                keep = torch.unique(torch.cat(list(push.values())))
+                need = torch.unique(torch.cat([torch.nonzero(is_anchor).flatten(), keep]))
+                sums, counts, kept = stream_projections(lambda i: self._ct_project_flat(scale, fa, fb, i), need,
+                                                        lab[need], is_anchor[need], keep, c_num,
+                                                        self.ct_projectors.out_dim)
+            anchors, positives, negs, neg_labels = {}, {}, {}, {}
+            for c in range(c_num):
+                if int(counts[c]) == 0:
+                    continue
+                idx = torch.nonzero(is_anchor & (lab == c)).flatten()
+                positives[c] = sums[c] / counts[c]                                # a_p: mean of ALL anchors of c
+                pick = idx[torch.randperm(idx.numel(), generator=gen)[: o["v2_anchors"]].to(idx.device)]
+                anchors[c] = self._ct_project_flat(scale, fa, fb, pick)
+                negs[c], neg_labels[c] = bank.sample(c, o["v2_negatives"], gen)
+            l_s = certainty_contrast_loss(anchors, positives, negs, neg_labels, o["cl_temperature"])
+            # bank update after the loss (spec §5.2 recommendation): this step's candidates, detached
+            for c, cand in push.items():
+                if cand.numel():
+                    bank.push(c, kept[torch.searchsorted(keep, cand)], lab[cand], gen)
             if l_s is not None:
                 total = l_s if total is None else total + l_s
         return total if total is not None else labels_l.new_zeros((), dtype=torch.float32)
