@@ -147,7 +147,7 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     s = load_suite(copy.deepcopy(SUITE))
     organs, grasp = s.arm("Organs"), s.arm("GRASP")
     assert not organs.evaluated and [a.name for a in s.evaluated_arms] == ["nnU-Net", "ANA in.", "MultiTask",
-                                                                           "GRASP"]
+                                                                           "GRASP", "ANA in. onehot", "GRASP onehot"]
     assert organs.dataset["phantom_options"]["task"] == "organs" and s.data_key(organs) != s.data_key()
     assert grasp.options["anatomy_model"] == "@arm:Organs" and grasp.measure_options == {"fusion_start_epoch": "0"}
     k = s.run_key(grasp, 0)
