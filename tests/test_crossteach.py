@@ -289,6 +289,8 @@ def test_one_projection_pass_gives_the_class_means_and_the_bank_rows():
             want = project(idx[m]).sum(0) if m.any() else torch.zeros(7)
             assert torch.allclose(sums[c], want, atol=1e-5), (chunk, c)
         assert torch.allclose(kept, project(keep), atol=1e-6)
+    kept16 = stream_projections(project, idx, labels, is_mean, keep, 5, 7, 64, keep_dtype=torch.float16)[2]
+    assert kept16.dtype == torch.float16 and torch.equal(kept16, project(keep).half())
 
 
 # ------------------------------------------------------------------------------------ inference network

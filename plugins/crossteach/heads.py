@@ -139,18 +139,20 @@ def gather_voxels(fmap: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def stream_projections(project: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, labels: torch.Tensor,
                        is_mean: torch.Tensor, keep: torch.Tensor, num_classes: int, dim: int,
-                       chunk: int = 65536) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       chunk: int = 65536, keep_dtype: torch.dtype = torch.float32
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One no-grad pass of ``project`` over the sorted unique voxel indices ``idx`` (in chunks of ``chunk``):
 
     * class sums of the projections of the voxels with ``is_mean`` (per voxel of ``idx``), grouped by ``labels``
       (per voxel of ``idx``): (num_classes, dim), and their counts (num_classes,);
-    * the projections of the voxels ``keep`` (sorted unique, a subset of ``idx``): (len(keep), dim).
+    * the projections of the voxels ``keep`` (sorted unique, a subset of ``idx``): (len(keep), dim), in
+      ``keep_dtype`` (MCSCv2: its banks' float16).
 
     Each voxel is projected once however many classes need it (as a positive's member and as a negative candidate of
     several classes), and only the kept rows are held, never the whole projected map."""
     sums = torch.zeros(num_classes, dim, dtype=torch.float32, device=idx.device)
     counts = torch.bincount(labels[is_mean], minlength=num_classes)[:num_classes]
-    kept = torch.empty(keep.numel(), dim, dtype=torch.float32, device=idx.device)
+    kept = torch.empty(keep.numel(), dim, dtype=keep_dtype, device=idx.device)
     where = torch.searchsorted(idx, keep)  # positions of the kept voxels in idx
     for start in range(0, idx.numel(), chunk):
         stop = min(start + chunk, idx.numel())
@@ -160,5 +162,5 @@ def stream_projections(project: Callable[[torch.Tensor], torch.Tensor], idx: tor
             sums.index_add_(0, labels[start:stop][m], z[m])
         lo, hi = torch.searchsorted(where, torch.tensor([start, stop], device=where.device)).tolist()
         if hi > lo:
-            kept[lo:hi] = z[where[lo:hi] - start]
+            kept[lo:hi] = z[where[lo:hi] - start].to(keep_dtype)
     return sums, counts, kept

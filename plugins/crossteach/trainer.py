@@ -688,7 +688,7 @@ class MCSCv2Trainer(MCSCTrainer):
                 need = torch.unique(torch.cat([torch.nonzero(is_anchor).flatten(), keep]))
                 sums, counts, kept = stream_projections(lambda i: self._ct_project_flat(scale, fa, fb, i), need,
                                                         lab[need], is_anchor[need], keep, c_num,
-                                                        self.ct_projectors.out_dim)
+                                                        self.ct_projectors.out_dim, keep_dtype=bank.feats.dtype)
             anchors, positives, negs, neg_labels = {}, {}, {}, {}
             for c in range(c_num):
                 if int(counts[c]) == 0:
