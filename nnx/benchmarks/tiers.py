@@ -43,8 +43,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     import torch
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                       preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiments, preprocess
     from nnx.extras import preprocess_extras
     from nnx.synth import make_dataset
 
@@ -55,9 +54,9 @@ def run(args) -> int:
                            pet="train_only", overwrite=True, num_processes=args.np)
         name = os.path.basename(rep.folder)
         print(f"phantom {name} ({args.preset}) written in {time.time() - t0:.1f} s")
-    from nnx.cli.plan import _planning_safe_env
+    from nnx.cli.plan import _planning_safe_env, extract_fingerprint, fingerprint_samples
     with _planning_safe_env():  # nnU-Net planning crashes with nnUNet_n_proc_DA=0
-        extract_fingerprints([args.id], num_processes=args.np, clean=True, verbose=False, show_progress_bar=False)
+        extract_fingerprint(args.id, args.np, True, fingerprint_samples())  # $NNX_FINGERPRINT_SAMPLES if set
         plans_id = plan_experiments([args.id], "ExperimentPlanner")
     stock_times, extra_times = [], []
     manifest = None
