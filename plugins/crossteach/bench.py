@@ -16,11 +16,11 @@ than AdamW vs SGD; the thesis' AdamW (5e-4 / 1e-4) is the trainers' default. The
 (``csunet_embed_dim=32``, thesis 96) for the CPU, the CSUNetTrainer arm alike.
 
 Cost, sized for a CPU: 20 epochs x 100 iterations = 2000 steps per run. Measured with this plan (1 thread, the
-other core busy): a stock step ~0.09 s, CTS 2.7x, MCSC 3.5x (MCSCv2 ~5x, CSUNetTrainer ~1.5x at 200 steps); a
-stock run takes ~4.5 min with its validation, CTS ~12 min, MCSC ~14 min, so the 11 arms x 3 seeds take ~6 h on
-2 CPU cores (the bench resumes where it stopped: run it in parts). A first version ran 200 steps per run and
-resolved nothing (even the all-labeled upper bound scored below the 10 % arm: warm-up and ramp-up dominated); at
-2000 steps the four arms run so far order as expected (nnU-Net 10pct < MCSC, CTS < nnU-Net all; README). For the
+other core busy): a stock step ~0.08 s, CS-Unet 1.0x, CTS 3.1x, MCSC 3.5x, MCSCv2 4.6-5.0x; a run with its
+validation takes ~4.5 min (stock, CS-Unet), ~11-12 min (CTS), ~14 min (MCSC), ~22-25 min (MCSCv2), so the 11 arms
+x 3 seeds take ~9 h of one core (the six 10 % arms: 4.8 h; the bench resumes where it stopped: run it in parts).
+A first version ran 200 steps per run and resolved nothing (even the all-labeled upper bound scored below the 10 %
+arm: warm-up and ramp-up dominated); at 2000 steps the 10 % arms order as the thesis predicts (README). For the
 thesis' setting copy this dict into a YAML file, drop the ``optimizer`` / ``lr_*`` / ``csunet_embed_dim`` overrides,
 raise ``training`` (thesis: 40k iterations, e.g. epochs 160 x 250) and run with ``--device cuda`` (nnU-Net's own
 2d plan).
@@ -49,7 +49,7 @@ SUITE = {
     "name": "crossteach",
     "description": ("CTS / MCSC / MCSCv2 cross-teaching vs nnU-Net on the labeled cases, CS-Unet on the labeled cases "
                     "and nnU-Net on all cases; small phantom, 10 % and 25 % labeled, 2d, 3 seeds, 2000 steps per run "
-                    "(CPU: ~6 h on 2 cores, resumable; a GPU run takes a fraction of that)"),
+                    "(CPU: ~9 h of one core, resumable; a GPU run takes a fraction of that)"),
     "dataset": {"phantom": "small", "phantom_id": 874, "phantom_seed": 0, "phantom_options": {"tiers": "expert=1.0"}},
     "configuration": "2d",
     "fold": 0,
