@@ -139,6 +139,20 @@ def test_fp_fn_volumes_follow_the_autopet_definitions():
     assert (v["FP_components"], v["FN_components"]) == (2, 1)
 
 
+def test_grasp_inference_time_is_compared_with_the_anatomy_input_arm_of_the_same_encoding():
+    from nnx_plugins.anatomy.volumes import grasp_and_its_inference_twin
+    arms = [{"name": "Organs", "trainer": "nnUNetTrainer", "dataset": {"phantom": "small"}},
+            {"name": "ANA in.", "trainer": "AnatomyInputTrainer", "options": {}},
+            {"name": "GRASP", "trainer": "GRASPTrainer", "options": {"anatomy_model": "@arm:Organs"}},
+            {"name": "ANA in. onehot", "trainer": "AnatomyInputTrainer", "options": {"anatomy_encoding": "onehot"}}]
+    assert grasp_and_its_inference_twin(arms) == ("GRASP", "ANA in.")
+    arms[2]["options"]["anatomy_encoding"] = "onehot"
+    assert grasp_and_its_inference_twin(arms) == ("GRASP", "ANA in. onehot")
+    arms[2]["options"]["anatomy_groups"] = "liver+kidney"
+    assert grasp_and_its_inference_twin(arms) == ("GRASP", None)
+    assert grasp_and_its_inference_twin(arms[:2]) == (None, None)
+
+
 # ----------------------------------------------------------------------------------------------- bench mechanism
 def test_suite_arm_on_its_own_dataset_and_arm_references():
     from nnx.bench.runner import Bench
@@ -147,12 +161,15 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     s = load_suite(copy.deepcopy(SUITE))
     organs, grasp = s.arm("Organs"), s.arm("GRASP")
     assert not organs.evaluated and [a.name for a in s.evaluated_arms] == ["nnU-Net", "ANA in.", "MultiTask",
-                                                                           "GRASP", "ANA in. onehot", "GRASP onehot"]
+                                                                           "GRASP", "ANA in. onehot"]
     assert organs.dataset["phantom_options"]["task"] == "organs" and s.data_key(organs) != s.data_key()
     assert grasp.options["anatomy_model"] == "@arm:Organs" and grasp.measure_options == {"fusion_start_epoch": "0"}
     k = s.run_key(grasp, 0)
-    s2 = load_suite({**copy.deepcopy(SUITE), "training": {"epochs": 7, "iters_per_epoch": 5, "val_iters": 1}})
+    changed = copy.deepcopy(SUITE)
+    changed["arms"][0]["options"] = {"epochs": 7}                   # only the organ model's training changes
+    s2 = load_suite(changed)
     assert s2.run_key(s2.arm("GRASP"), 0) != k                     # the organ model's run is part of GRASP's key
+    assert s2.run_key(s2.arm("nnU-Net"), 0) == s.run_key(s.arm("nnU-Net"), 0)
     b = Bench(s, "/tmp/out", "cpu", progress=lambda *_: None)
     b.dataset, b.plans = "Dataset877_PhantomSmall", "nnUNetPlans"
     b.arm_data["Organs"] = ("Dataset878_PhantomSmall", "nnUNetPlans")
@@ -160,7 +177,7 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     assert opts["anatomy_model"] == "/tmp/out/runs/Organs/seed2/results/Dataset878_PhantomSmall/" \
                                     f"nnUNetTrainer__nnUNetPlans__{s.configuration}"
     bad = copy.deepcopy(SUITE)
-    bad["arms"] = [bad["arms"][-1]] + bad["arms"][:-1]               # GRASP before Organs
+    bad["arms"] = sorted(bad["arms"], key=lambda a: a["name"] != "GRASP")  # GRASP before Organs
     with pytest.raises(NNXError, match="earlier arm"):
         load_suite(bad)
     bad = copy.deepcopy(SUITE)

@@ -78,6 +78,22 @@ def _ms(vals: List[float], digits: int = 2) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
+_INPUT_OPTIONS = ("anatomy_encoding", "anatomy_groups")  # what shapes the inference network's anatomy input
+
+
+def grasp_and_its_inference_twin(arms: Sequence[dict]):
+    """(GRASP arm name, name of the ANA in. arm whose inference network is GRASP's), or None for a missing one.
+    GRASP's inference network is ANA in.'s with the same anatomy input, so the first GRASP arm is paired with the
+    AnatomyInputTrainer arm that has the same ``anatomy_encoding`` / ``anatomy_groups`` options."""
+    arms = [a for a in arms if not a.get("dataset")]
+    grasp = next((a for a in arms if a["trainer"] == "GRASPTrainer"), None)
+    if grasp is None:
+        return None, None
+    key = lambda a: tuple(str((a.get("options") or {}).get(k, "")) for k in _INPUT_OPTIONS)  # noqa: E731
+    twin = next((a for a in arms if a["trainer"] == "AnatomyInputTrainer" and key(a) == key(grasp)), None)
+    return grasp["name"], None if twin is None else twin["name"]
+
+
 def bench_volumes(out: str) -> str:
     """FPV / FNV / FPV_outside over seeds for every evaluated arm of the nnx_bench output folder ``out``; writes
     ``volumes.json`` and ``volumes.md`` there and returns the markdown."""
@@ -117,9 +133,8 @@ def bench_volumes(out: str) -> str:
         lines.append(f"| {name} | {_ms(d, 3)} | {_ms(c, 3)} | {_ms(r.get('FPV', []))} | "
                      f"{_ms(r.get('FNV', []))} | {_ms(r.get('FPV_outside', []))} | "
                      f"{'n/a' if sp is None else f'{sp:.2f}'} |")
-    by_trainer = {a["trainer"]: a["name"] for a in suite["arms"] if not a.get("dataset")}
+    g, ai = grasp_and_its_inference_twin(suite["arms"])
     ratio = None
-    g, ai = by_trainer.get("GRASPTrainer"), by_trainer.get("AnatomyInputTrainer")
     if g in pred_rows and ai in pred_rows and pred_rows[ai]["s_per_case"]:
         ratio = pred_rows[g]["s_per_case"] / pred_rows[ai]["s_per_case"]
     speed = res.get("speed_memory") or {}
