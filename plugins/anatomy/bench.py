@@ -11,21 +11,23 @@ lesion mimics elsewhere), CT + PET channels, anatomy maps for every training and
 * ``MultiTask``: ``AnatomyMultiTaskTrainer`` (second decoder on the organ maps, 0.8 L_path + 0.2 L_ana);
 * ``GRASP``: ``GRASPTrainer`` with ``anatomy_model: "@arm:Organs"`` (the Organs model of the same seed); its speed
   is measured with fusion on (``measure_options``), its inference network is ANA in.'s;
-* ``ANA in. onehot``, ``GRASP onehot``: the same with the anatomy map one-hot encoded (one channel per organ)
-  instead of the thesis' single scaled channel.
+* ``ANA in. onehot``: the same with the anatomy map one-hot encoded (one channel per organ) instead of the thesis'
+  single scaled channel.
 
 nnx_bench reports Dice, CC-Dice, step-time ratios to the stock trainer and predict s/case; the false-positive and
 false-negative volumes (mL, autoPET definitions), the FP volume outside organs (where the mimics are) and the
 inference ratio GRASP / ANA in. come from ``python -m nnx_plugins.anatomy.volumes <bench output folder>``.
 
 Sized for a CPU: the ``2d`` configuration (nnx's CPU plan: patch 80x80, batch 2; ~0.09 s per stock step at one
-thread), 20 epochs x 100 iterations = 2000 steps per run, GRASP's fusion from epoch 3 of 20 (``fusion_start_epoch``
-default round(epochs / 6), the thesis' 50 of 300). 7 arms x 3 seeds: ~2 h on 2 cores (measured, README). A first
-version ran ``3d_fullres`` for 25 steps (patch 32x64x64, ~4 s per step): no arm learned anything (Dice <= 0.08),
-so it measured only the overheads; in 2d, 2000 steps give a lesion Dice of 0.15-0.38. For a GPU run copy this dict
-into a YAML file, set ``configuration: 3d_fullres`` (the thesis' setting), raise ``training`` (thesis: 300 epochs;
-e.g. epochs 300, iters_per_epoch 250 -- fusion then starts at epoch 50), use phantom ``medium`` and
-``--device cuda``.
+thread), 50 epochs x 100 iterations = 5000 steps per lesion run, GRASP's fusion from epoch 8 of 50
+(``fusion_start_epoch`` default round(epochs / 6), the thesis' 50 of 300); the organ model 20 epochs (2000 steps).
+Measured per run (one thread, the other core busy): Organs ~4-5 min, nnU-Net and ANA in. ~8.5 min, GRASP ~10.5 min,
+MultiTask ~12 min; 6 arms x 3 seeds ~2.7 h. At 2000 steps per lesion run the image-only arm alone spread from 0.14
+to 0.35 Dice between seeds and no difference could be resolved (README); at 5000 steps it could. A first version ran
+``3d_fullres`` for 25 steps (patch 32x64x64, ~4 s per step): no arm learned anything (Dice <= 0.08). For a GPU run
+copy this dict into a YAML file, set ``configuration: 3d_fullres`` (the thesis' setting), raise ``training``
+(thesis: 300 epochs; e.g. epochs 300, iters_per_epoch 250 -- fusion then starts at epoch 50) and the Organs arm's
+``epochs``, use phantom ``medium`` and ``--device cuda``.
 """
 
 _PHANTOM = {"phantom": "small", "phantom_seed": 0}
@@ -34,18 +36,18 @@ SUITE = {
     "name": "anatomy",
     "description": ("anatomy injection on the small phantom (lesions only inside organs, mimics elsewhere): nnU-Net "
                     "(image only) vs ANA in. (anatomy map as input), multi-task (anatomy decoder) and GRASP (frozen "
-                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'), the last two also "
-                    "with a one-hot anatomy input; 2d, 3 seeds, 2000 steps per run (CPU, ~2 h on 2 cores; "
-                    "3d_fullres and longer training for a GPU run)"),
+                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'), and ANA in. with a "
+                    "one-hot anatomy input; 2d, 3 seeds, 5000 steps per lesion run, 2000 for the organ model "
+                    "(CPU, ~2.7 h; 3d_fullres and longer training for a GPU run)"),
     "dataset": {**_PHANTOM, "phantom_id": 877,
                 "phantom_options": {"task": "lesion", "tiers": "expert=1.0", "pet": "channel"}},
     "configuration": "2d",
     "fold": 0,
-    "training": {"epochs": 20, "iters_per_epoch": 100, "val_iters": 5},
+    "training": {"epochs": 50, "iters_per_epoch": 100, "val_iters": 5},
     "seeds": 3,
     "test": {"inputs": {"anatomy": "anatomyTs"}, "tta": False},
     "arms": [
-        {"name": "Organs", "trainer": "nnUNetTrainer",
+        {"name": "Organs", "trainer": "nnUNetTrainer", "options": {"epochs": 20},
          "dataset": {**_PHANTOM, "phantom_id": 878,
                      "phantom_options": {"task": "organs", "tiers": "expert=1.0", "pet": "none"}}},
         {"name": "nnU-Net", "trainer": "nnUNetTrainer"},
@@ -54,9 +56,6 @@ SUITE = {
         {"name": "GRASP", "trainer": "GRASPTrainer", "options": {"anatomy_model": "@arm:Organs"},
          "measure_options": {"fusion_start_epoch": 0}},
         {"name": "ANA in. onehot", "trainer": "AnatomyInputTrainer", "options": {"anatomy_encoding": "onehot"}},
-        {"name": "GRASP onehot", "trainer": "GRASPTrainer",
-         "options": {"anatomy_model": "@arm:Organs", "anatomy_encoding": "onehot"},
-         "measure_options": {"fusion_start_epoch": 0}},
     ],
     "baseline": "nnU-Net",
     "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 3},
