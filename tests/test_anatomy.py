@@ -146,6 +146,8 @@ def test_grasp_inference_time_is_compared_with_the_anatomy_input_arm_of_the_same
             {"name": "GRASP", "trainer": "GRASPTrainer", "options": {"anatomy_model": "@arm:Organs"}},
             {"name": "ANA in. onehot", "trainer": "AnatomyInputTrainer", "options": {"anatomy_encoding": "onehot"}}]
     assert grasp_and_its_inference_twin(arms) == ("GRASP", "ANA in.")
+    arms[1]["options"]["anatomy_encoding"] = "scaled"                   # the default, spelled out
+    assert grasp_and_its_inference_twin(arms) == ("GRASP", "ANA in.")
     arms[2]["options"]["anatomy_encoding"] = "onehot"
     assert grasp_and_its_inference_twin(arms) == ("GRASP", "ANA in. onehot")
     arms[2]["options"]["anatomy_groups"] = "liver+kidney"

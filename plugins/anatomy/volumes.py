@@ -78,7 +78,6 @@ def _ms(vals: List[float], digits: int = 2) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
-_INPUT_OPTIONS = ("anatomy_encoding", "anatomy_groups")  # what shapes the inference network's anatomy input
 
 
 def grasp_and_its_inference_twin(arms: Sequence[dict]):
@@ -89,7 +88,10 @@ def grasp_and_its_inference_twin(arms: Sequence[dict]):
     grasp = next((a for a in arms if a["trainer"] == "GRASPTrainer"), None)
     if grasp is None:
         return None, None
-    key = lambda a: tuple(str((a.get("options") or {}).get(k, "")) for k in _INPUT_OPTIONS)  # noqa: E731
+    from nnx_plugins.anatomy.trainer import _ANATOMY_OPTIONS
+    shape = ("anatomy_encoding", "anatomy_groups")  # the options that shape the inference network's anatomy input
+    key = lambda a: tuple(str((a.get("options") or {}).get(k, _ANATOMY_OPTIONS[k].default)).strip()  # noqa: E731
+                          for k in shape)
     twin = next((a for a in arms if a["trainer"] == "AnatomyInputTrainer" and key(a) == key(grasp)), None)
     return grasp["name"], None if twin is None else twin["name"]
 
