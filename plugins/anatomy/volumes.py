@@ -78,20 +78,18 @@ def _ms(vals: List[float], digits: int = 2) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}"
 
 
-
-
 def grasp_and_its_inference_twin(arms: Sequence[dict]):
     """(GRASP arm name, name of the ANA in. arm whose inference network is GRASP's), or None for a missing one.
     GRASP's inference network is ANA in.'s with the same anatomy input, so the first GRASP arm is paired with the
-    AnatomyInputTrainer arm that has the same ``anatomy_encoding`` / ``anatomy_groups`` options."""
+    AnatomyInputTrainer arm that has the same anatomy input options (``anatomy_encoding``,
+    ``anatomy_groups``; defaults filled in)."""
     arms = [a for a in arms if not a.get("dataset")]
     grasp = next((a for a in arms if a["trainer"] == "GRASPTrainer"), None)
     if grasp is None:
         return None, None
-    from nnx_plugins.anatomy.trainer import _ANATOMY_OPTIONS
-    shape = ("anatomy_encoding", "anatomy_groups")  # the options that shape the inference network's anatomy input
-    key = lambda a: tuple(str((a.get("options") or {}).get(k, _ANATOMY_OPTIONS[k].default)).strip()  # noqa: E731
-                          for k in shape)
+    from nnx_plugins.anatomy.trainer import _ANATOMY_OPTIONS  # the options that shape the anatomy input channels
+    key = lambda a: tuple(str((a.get("options") or {}).get(k, o.default)).strip()  # noqa: E731
+                          for k, o in _ANATOMY_OPTIONS.items())
     twin = next((a for a in arms if a["trainer"] == "AnatomyInputTrainer" and key(a) == key(grasp)), None)
     return grasp["name"], None if twin is None else twin["name"]
 
