@@ -142,8 +142,16 @@ def test_layout_and_dataset_json(tiny):
         assert listing(sub) == sorted(tiers), sub
     test_cases = sorted(os.path.basename(p)[:-len("_0000" + FE)] for p in glob.glob(f"{folder}/imagesTs/*_0000{FE}"))
     assert len(test_cases) == 3 and not set(test_cases) & set(tiers)
-    for sub in ("labelsTs", "coarseTs", "anatomyTs"):
+    for sub in ("labelsTs", "coarseTs", "anatomyTs", "mimicsTs"):
         assert listing(sub) == test_cases, sub
+    assert nnx["phantom_mimics"] == {"test": "mimicsTs"}
+    n_mimic_voxels = 0
+    for c in test_cases:   # evaluation-only mimic masks: binary, never on a lesion, one per placed mimic
+        mim, lab = _read(f"{folder}/mimicsTs/{c}{FE}")[0], _read(f"{folder}/labelsTs/{c}{FE}")[0]
+        assert set(np.unique(mim)) <= {0, 1} and not (mim.astype(bool) & (lab == dj["labels"]["lesion"])).any()
+        assert ndi.label(mim)[1] == tiny.cases[c]["n_mimics"]
+        n_mimic_voxels += int(mim.sum())
+    assert n_mimic_voxels > 0
     # expert labelsTr == truthTr
     for c in tr:
         assert np.array_equal(_read(f"{folder}/labelsTr/{c}{FE}")[0], _read(f"{folder}/truthTr/{c}{FE}")[0])
@@ -315,6 +323,45 @@ def test_mimics_outside_lesion_organs_and_lesion_like():
     assert n_mim >= 4 and hot_mimics >= 1
 
 
+def _local_contrast(c, mask):
+    """Per component of ``mask``: median CT and PET inside minus the median of a 1-voxel ring one voxel out."""
+    out = []
+    lab, n = ndi.label(mask)
+    for k in range(1, n + 1):
+        m = lab == k
+        ring = ndi.binary_dilation(m, iterations=2) & ~ndi.binary_dilation(m) & ~c.lesion & ~c.mimic
+        out.append((np.median(c.ct[m]) - np.median(c.ct[ring]), np.median(c.pet[m]) - np.median(c.pet[ring])))
+    return np.array(out)
+
+
+def test_relative_mimics_have_a_lesions_local_contrast():
+    """mimic_contrast='relative': a mimic is as much darker (CT) and hotter (PET) than the tissue around it as a
+    lesion is than its organ; 'absolute' mimics (the default) are not (a lesion's HU in soft tissue or fat)."""
+    kw = dict(shape=(40, 80, 80), spacing_zyx=(2.5, 1.0, 1.0), max_lesions=4, max_mimics=4, lesion_radius=(1.5, 7.2))
+    contrast, lesions = {}, {}
+    for mode in ("absolute", "relative"):
+        p = PhantomParams(mimic_contrast=mode, **kw)
+        les, mim = [], []
+        for i in range(6):
+            c = generate_case(np.random.default_rng([0, 0, i]), p)
+            lesions.setdefault(i, []).append((c.organs, c.lesion))
+            les.append(_local_contrast(c, c.lesion))
+            mim.append(_local_contrast(c, c.mimic))
+            les_org = np.isin(c.organs, [ORGAN_ID[n] for n in LESION_ORGANS])
+            assert not (c.mimic & les_org).any() and not (c.mimic & c.lesion).any()
+        contrast[mode] = np.concatenate(les), np.concatenate(mim)
+    les, mim = contrast["relative"]
+    assert len(mim) >= 8
+    assert abs(np.mean(mim[:, 0]) - np.mean(les[:, 0])) < 5 and np.std(mim[:, 0]) < 1.5 * np.std(les[:, 0]) + 2
+    assert (mim[:, 1] > 0.5).all() and np.mean(mim[:, 1]) > 0.6 * np.mean(les[:, 1])   # every mimic PET-hot
+    mim_a = contrast["absolute"][1]
+    for (org_a, les_a), (org_r, les_r) in lesions.values():      # the option moves only the mimics
+        assert np.array_equal(org_a, org_r) and np.array_equal(les_a, les_r)
+    assert np.std(mim_a[:, 0]) > 2 * np.std(mim[:, 0]) and (mim_a[:, 1] < 0.5).sum() >= 3
+    with pytest.raises(ValueError, match="mimic_contrast"):
+        generate_case(np.random.default_rng(0), PhantomParams(mimic_contrast="loud", **kw))
+
+
 def _best_threshold_dice(values, lesion, n_q=400):
     qs = np.unique(np.quantile(values, np.linspace(0.0005, 0.9995, n_q)))
     order = np.sort(values)
@@ -408,7 +455,8 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert synth_main(["-d", "9", "-n", "Cli", "--num-train", "2", "--num-test", "0", "--tiers", "expert=1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert synth_main(["-d", "9", "-n", "Cli", "--num-train", "2", "--num-test", "0", "--tiers", "expert=1",
-                       "--overwrite", "-q"]) == 0
+                       "--overwrite", "-q", "--mimic-contrast", "relative"]) == 0
+    assert "relative mimics" in _dj(tmp_path / "raw" / "Dataset009_Cli")["description"]
     assert len(glob.glob(str(tmp_path / "raw" / "Dataset009_Cli" / "imagesTr" / "*"))) == 4
     assert synth_main(["-d", "9", "-n", "Other", "--num-train", "2", "--tiers", "expert=1", "--overwrite"]) == 2
     err = capsys.readouterr().err
@@ -439,7 +487,7 @@ def test_bad_tiers(tiers, capsys):
 @pytest.mark.parametrize("argv", [["-d", "0"], ["-d", "1000"], ["-d", "1", "--preset", "huge"],
                                   ["-d", "1", "--task", "x"], ["-d", "1", "--coarse-dice", "1.5"],
                                   ["-d", "1", "-n", "bad name"], ["--preset", "tiny"], ["-d", "abc"],
-                                  ["-d", "1", "--shape", "4,4"]])
+                                  ["-d", "1", "--shape", "4,4"], ["-d", "1", "--mimic-contrast", "loud"]])
 def test_bad_cli_input(argv, capsys, tmp_path):
     assert synth_main(argv) == 2
     err = capsys.readouterr().err

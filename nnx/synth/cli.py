@@ -9,7 +9,7 @@ PROG = "nnx_synth"
 
 
 def build_parser() -> ArgumentParser:
-    from nnx.synth.dataset import PET_MODES, PRESETS, TASKS
+    from nnx.synth.dataset import MIMIC_CONTRASTS, PET_MODES, PRESETS, TASKS
 
     p = ArgumentParser(prog=PROG, description="Write a phantom nnU-Net raw dataset ($nnUNet_raw/DatasetXXX_Name) with "
                                        "organs, lesions, lesion mimics, CT (+PET) and the nnx annotation tiers.")
@@ -33,6 +33,10 @@ def build_parser() -> ArgumentParser:
                    help="multiplier of lesion / mimic contrast in CT and PET (default 1.0)")
     p.add_argument("--max-lesions", type=int, default=None, help="max lesions per case (default: preset)")
     p.add_argument("--max-mimics", type=int, default=None, help="max lesion mimics per case (default: preset)")
+    p.add_argument("--mimic-contrast", choices=MIMIC_CONTRASTS, default=None,
+                   help="absolute (default): mimics have a liver/kidney lesion's CT value wherever they lie, half are "
+                        "PET-hot; relative: mimics have a lesion's contrast against their own surroundings in CT and "
+                        "PET (harder to tell from lesions without anatomy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same ID and name")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--preview", default=None, metavar="PNG", help="also write a preview PNG of one case")
@@ -51,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tiers=args.tiers, coarse_dice=args.coarse_dice, scribble_fraction=args.scribble_fraction,
         num_train=args.num_train, num_test=args.num_test, shape=args.shape, spacing=args.spacing,
         lesion_contrast=args.lesion_contrast, max_lesions=args.max_lesions, max_mimics=args.max_mimics,
-        overwrite=args.overwrite, num_processes=args.num_processes, preview=args.preview,
+        mimic_contrast=args.mimic_contrast, overwrite=args.overwrite, num_processes=args.num_processes, preview=args.preview,
         preview_case=args.preview_case)
     print(report.folder if args.quiet else report.format())
     if args.preview and not args.quiet:

@@ -20,6 +20,7 @@ FILE_ENDING = ".nii.gz"
 TIERS = ("expert", "coarse", "scribble", "none")
 TASKS = ("lesion", "organs", "joint")
 PET_MODES = ("channel", "train_only", "none")
+MIMIC_CONTRASTS = ("absolute", "relative")
 DEFAULT_TIERS = {"expert": 0.75, "coarse": 0.0, "scribble": 0.0, "none": 0.25}
 # ITK direction matrix: x and y flipped (LPS); in NIfTI (RAS) this is a plain diagonal affine
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -293,6 +294,7 @@ def _case_job(job: Dict[str, Any]) -> Dict[str, Any]:
         for c, a in enumerate(chans):
             w(a, "imagesTs", f"{cid}_{c:04d}")
         w(truth, "labelsTs", cid)
+        w(case.mimic.astype(np.uint8), "mimicsTs", cid)
         w(case.organs, "anatomyTs", cid)
 
     lab, n = ndi.label(case.lesion, structure=np.ones((3, 3, 3), bool))
@@ -349,7 +351,7 @@ def best_threshold(hist_all: np.ndarray, hist_les: np.ndarray, edges: np.ndarray
 # the public entry point
 
 _OPTIONS = ("task", "pet", "tiers", "coarse_dice", "scribble_fraction", "num_train", "num_test", "shape", "spacing",
-            "lesion_contrast", "max_lesions", "max_mimics", "overwrite", "num_processes", "preview", "preview_case",
+            "lesion_contrast", "max_lesions", "max_mimics", "mimic_contrast", "overwrite", "num_processes", "preview", "preview_case",
             "verbose")
 
 
@@ -360,7 +362,9 @@ def make_dataset(dataset_id: int, name: Optional[str] = None, preset: str = "tin
     Options (all optional): ``task`` (lesion|organs|joint, default joint), ``pet`` (channel|train_only|none,
     default per preset), ``tiers`` ("expert=0.75,none=0.25" or a dict), ``coarse_dice`` (0.65),
     ``scribble_fraction`` (0.005), ``num_train``, ``num_test``, ``shape`` (z,y,x), ``spacing`` (x,y,z mm),
-    ``lesion_contrast`` (1.0), ``max_lesions``, ``max_mimics``, ``overwrite`` (False), ``num_processes`` (1),
+    ``lesion_contrast`` (1.0), ``max_lesions``, ``max_mimics``, ``mimic_contrast`` (absolute|relative, default
+    absolute: a mimic has a liver or kidney lesion's CT value wherever it lies and half are PET-hot; relative: a
+    lesion's contrast against its own surroundings, always PET-hot), ``overwrite`` (False), ``num_processes`` (1),
     ``preview`` (PNG path), ``preview_case``, ``verbose`` (False).
     """
     t0 = time.time()
@@ -409,6 +413,9 @@ def make_dataset(dataset_id: int, name: Optional[str] = None, preset: str = "tin
                            "max_lesions", 0, 1000))
     max_mimics = int(_num(pr["max_mimics"] if options.get("max_mimics") is None else options["max_mimics"],
                           "max_mimics", 0, 1000))
+    mimic_contrast = options.get("mimic_contrast") or "absolute"
+    if mimic_contrast not in MIMIC_CONTRASTS:
+        raise NNXError(f"unknown mimic contrast '{mimic_contrast}' (choices: {', '.join(MIMIC_CONTRASTS)})")
     num_processes = int(_num(options.get("num_processes") or 1, "num_processes", 1, 256))
     verbose = bool(options.get("verbose", False))
 
@@ -437,7 +444,7 @@ def make_dataset(dataset_id: int, name: Optional[str] = None, preset: str = "tin
 
     params = PhantomParams(
         shape=shape, spacing_zyx=(spacing[2], spacing[1], spacing[0]), max_lesions=max_lesions,
-        max_mimics=max_mimics, lesion_contrast=lesion_contrast,
+        max_mimics=max_mimics, lesion_contrast=lesion_contrast, mimic_contrast=mimic_contrast,
         lesion_radius=(1.5, max(2.5, 0.09 * min(shape[1], shape[2]))),
         pet_block=(1, max(2, round(shape[2] / 40)), max(2, round(shape[2] / 40))),
         pet_sigma=(0.5, 0.6 * max(2, shape[2] / 40), 0.6 * max(2, shape[2] / 40)),
@@ -457,7 +464,7 @@ def make_dataset(dataset_id: int, name: Optional[str] = None, preset: str = "tin
         if pet == "train_only":
             folders.append("trainOnlyTr")
         if num_test:
-            folders += ["imagesTs", "labelsTs", "coarseTs", "anatomyTs"]
+            folders += ["imagesTs", "labelsTs", "coarseTs", "anatomyTs", "mimicsTs"]
         for f in folders:
             os.makedirs(os.path.join(root, f), exist_ok=True)
 
@@ -518,9 +525,12 @@ def make_dataset(dataset_id: int, name: Optional[str] = None, preset: str = "tin
         if pet == "train_only":
             nnx_block["train_only_channels"] = {"folder": "trainOnlyTr", "channel_names": {"0": "PET"}}
         nnx_block["phantom_truth"] = "truthTr"
+        if num_test:  # evaluation only: where the lesion mimics of the test cases are (1 = mimic)
+            nnx_block["phantom_mimics"] = {"test": "mimicsTs"}
         dataset_json = {
             "name": name,
-            "description": f"nnx_synth phantom (preset {preset}, seed {seed}, task {task}, PET {pet})",
+            "description": (f"nnx_synth phantom (preset {preset}, seed {seed}, task {task}, PET {pet}"
+                            + (f", {mimic_contrast} mimics)" if mimic_contrast != "absolute" else ")")),
             "channel_names": channel_names,
             "labels": ds_labels,
             "numTraining": counts["expert"] + counts["coarse"] + counts["scribble"],

@@ -34,7 +34,7 @@ class Case:
     organs: np.ndarray             # uint8 anatomy map, labels ORGAN_ID
     lesion: np.ndarray             # bool
     body: np.ndarray               # bool
-    mimic: np.ndarray              # bool (for statistics / tests only; never written)
+    mimic: np.ndarray              # bool (never an input or label; written for test cases, for evaluation)
     lesion_organs: List[str] = field(default_factory=list)   # organ of each placed lesion
     n_mimics: int = 0
 
@@ -151,7 +151,11 @@ class PhantomParams:
     p_no_lesion: float = 0.15
     lesion_contrast: float = 1.0       # multiplies lesion/mimic CT and PET contrast
     lesion_radius: Tuple[float, float] = (1.5, 5.0)  # in-plane radius range in voxels (log-uniform)
-    p_hot_mimic: float = 0.5           # fraction of mimics that are PET-hot
+    p_hot_mimic: float = 0.5           # fraction of mimics that are PET-hot ("absolute" mimics)
+    # "absolute": a mimic has a lesion's absolute CT value (that of a liver or kidney lesion) wherever it lies,
+    # half of the mimics are PET-hot (absolute SUV); "relative": a mimic has a lesion's *contrast* against the
+    # tissue around it (CT and PET, always hot) and lies in soft tissue (not fat) or the spleen
+    mimic_contrast: str = "absolute"
     pet_block: Tuple[int, int, int] = (1, 2, 2)
     pet_sigma: Tuple[float, float, float] = (0.5, 1.2, 1.2)
     make_pet: bool = True
@@ -276,6 +280,13 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
     spleen = organs == ORGAN_ID["spleen"]
     spleen_in = inner_distance(spleen, sampling)
     free_tissue = interior & (organs == 0)
+    relative = p.mimic_contrast == "relative"
+    if p.mimic_contrast not in ("absolute", "relative"):
+        raise ValueError(f"mimic_contrast must be 'absolute' or 'relative', got {p.mimic_contrast!r}")
+    soft_in = None
+    if relative:  # embedded in soft tissue like a lesion in its organ: not in fat, away from fat and other organs
+        free_tissue = free_tissue & ~visceral_fat & (dist_les_org >= 1.5)
+        soft_in = inner_distance(free_tissue, sampling)
     mimic = np.zeros(shape, bool)
     mimic_values: List[Tuple[Tuple[slice, ...], np.ndarray, str, float, Optional[float]]] = []
     for _ in range(n_mim):
@@ -285,6 +296,11 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
             if in_spleen:
                 cand = (spleen_in >= max(1.0, 0.6 * r)) & ~occupied
                 allowed = spleen
+            elif relative:
+                if soft_in is None:
+                    continue
+                cand = (soft_in >= max(1.0, 0.6 * r)) & (dist_les_org >= r + 2.5) & ~occupied
+                allowed = free_tissue
             else:
                 cand = free_tissue & (dist_les_org >= r + 2.5) & ~occupied
                 allowed = free_tissue & (dist_les_org >= 1.5)
@@ -294,7 +310,9 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
             sl, m = placed
             mimic[sl] |= m
             like = "liver" if rng.random() < 0.65 else "kidney"
-            hot = rng.uniform(2.5, 7.0) if rng.random() < p.p_hot_mimic else None
+            if relative:  # the surrounding tissue takes the place of the lesion organ
+                like = "spleen" if in_spleen else "soft"
+            hot = rng.uniform(2.5, 7.0) if rng.random() < (1.0 if relative else p.p_hot_mimic) else None
             mimic_values.append((sl, m, like, -rng.uniform(12, 25), hot))
             break
 
@@ -325,6 +343,7 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
     ct_mean = np.where(spine & disc, np.float32(rng.uniform(70, 100)), ct_mean)
     c = p.lesion_contrast
     organ_hu = {n: hu[T_ORGAN0 + ORGAN_ID[n] - 1] for n in ORGANS}
+    organ_hu["soft"] = hu[T_SOFT]
     for (sl, m, dhu, _), name in zip(lesion_value_ct, lesion_organs):
         ct_mean[sl][m] = organ_hu[name] + c * dhu
     for sl, m, like, dhu, _ in mimic_values:
@@ -350,11 +369,12 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
         suv[T_ORGAN0 + ORGAN_ID["spine"] - 1] = rng.uniform(1.2, 2.0)
         pet = suv[tissue]
         organ_suv = {n: suv[T_ORGAN0 + ORGAN_ID[n] - 1] for n in ORGANS}
+        organ_suv["soft"] = suv[T_SOFT]
         for (sl, m, _, dsuv), name in zip(lesion_value_ct, lesion_organs):
             pet[sl][m] = organ_suv[name] + c * dsuv
         for sl, m, like, _, hot in mimic_values:
             if hot is not None:
-                pet[sl][m] = organ_suv["liver"] + c * hot
+                pet[sl][m] = organ_suv[like if relative else "liver"] + c * hot
         pet = pet * (1.0 + 0.15 * smooth_noise(rng, shape, (2.0, 4.0, 4.0), order=1))
         pet = ndi.gaussian_filter(pet, p.pet_sigma)
         pet = _block_resample(pet, p.pet_block, rng)
