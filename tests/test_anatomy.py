@@ -137,6 +137,12 @@ def test_fp_fn_volumes_follow_the_autopet_definitions():
     assert v["FPV"] == pytest.approx(16 * 0.002) and v["FNV"] == pytest.approx(8 * 0.002)
     assert v["FPV_outside"] == pytest.approx(12 * 0.002)
     assert (v["FP_components"], v["FN_components"]) == (2, 1)
+    mimics = np.zeros_like(ref)
+    mimics[8, 0, 0] = 1           # one voxel of the 12-voxel FP component: the whole component counts
+    mimics[4, 8:10, 0:2] = 1      # a mimic the prediction leaves alone
+    v = fp_fn_volumes(pred, ref, (2.0, 1.0, 1.0), organs, mimics)
+    assert v["FPV_mimics"] == pytest.approx(12 * 0.002) and (v["mimics"], v["mimics_hit"]) == (2, 1)
+    assert "FPV_mimics" not in fp_fn_volumes(pred, ref, (2.0, 1.0, 1.0), organs)
 
 
 def test_grasp_inference_time_is_compared_with_the_anatomy_input_arm_of_the_same_encoding():

@@ -8,7 +8,10 @@ The thesis gives no definition; the spec says: use the autoPET challenge's. Per 
 
 then averaged over cases ("per patient, averaged"). ``FPV_outside`` is the part of FPV whose components lie
 entirely outside the anatomy map's organs: on the phantom that is where the lesion mimics live (lesions only occur
-inside organs), i.e. the false positives anatomy knowledge should remove.
+inside organs), i.e. the false positives anatomy knowledge should remove. On a phantom whose dataset.json names
+its test cases' mimic masks (``nnx.phantom_mimics``, written by nnx_synth), two direct measures are added:
+``FPV_mimics``, the part of FPV whose components overlap a lesion mimic, and the mimic hit rate, the fraction of
+mimics (connected components) that the prediction overlaps at all (summed over cases, then divided).
 
 ``python -m nnx_plugins.anatomy.volumes BENCH_OUT`` adds these to a finished ``nnx_bench`` output folder
 (``volumes.json``, ``volumes.md``), together with the inference-time ratio GRASP / ANA in. (nnx_bench's core
@@ -28,9 +31,10 @@ CONNECTIVITY_STRUCTURE = ndi.generate_binary_structure(3, 2)  # 18-connectivity 
 
 
 def fp_fn_volumes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                  organs: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """FPV, FNV (and FPV_outside when ``organs`` is given) of one case in mL. ``spacing`` in mm (any axis order
-    matching the arrays; only the product is used)."""
+                  organs: Optional[np.ndarray] = None, mimics: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """FPV, FNV (and FPV_outside when ``organs`` is given; FPV_mimics, ``mimics`` and ``mimics_hit`` (counts of
+    mimic components and of those the prediction overlaps) when the mimic mask ``mimics`` is given) of one case in
+    mL. ``spacing`` in mm (any axis order matching the arrays; only the product is used)."""
     pred, ref = np.asarray(pred) > 0, np.asarray(ref) > 0
     voxel_ml = float(np.prod(spacing)) / 1000.0
     st = CONNECTIVITY_STRUCTURE if pred.ndim == 3 else ndi.generate_binary_structure(pred.ndim, 2)
@@ -46,12 +50,20 @@ def fp_fn_volumes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         inside = np.unique(lab_p[np.asarray(organs) > 0])
         outside = np.setdiff1d(fp, inside)
         out["FPV_outside"] = float(sizes_p[outside].sum()) * voxel_ml
+    if mimics is not None:
+        mimics = np.asarray(mimics) > 0
+        at_mimic = np.intersect1d(fp, np.unique(lab_p[mimics]))
+        out["FPV_mimics"] = float(sizes_p[at_mimic].sum()) * voxel_ml
+        lab_m, n_m = ndi.label(mimics, st)
+        out["mimics"] = int(n_m)
+        out["mimics_hit"] = int(len(np.setdiff1d(np.unique(lab_m[pred]), [0])))
     return out
 
 
 def folder_volumes(pred_folder: str, ref_folder: str, organ_folder: Optional[str] = None,
-                   file_ending: str = ".nii.gz") -> Dict[str, object]:
-    """Per-case volumes and their means over the cases of ``ref_folder``."""
+                   file_ending: str = ".nii.gz", mimic_folder: Optional[str] = None) -> Dict[str, object]:
+    """Per-case volumes and their means over the cases of ``ref_folder`` (with mimic masks: ``mimic_hit_rate``,
+    all hit mimics over all mimics, instead of the mean of the per-case counts)."""
     import SimpleITK as sitk
     per_case = {}
     for f in sorted(os.listdir(ref_folder)):
@@ -63,9 +75,15 @@ def folder_volumes(pred_folder: str, ref_folder: str, organ_folder: Optional[str
         organs = None
         if organ_folder and os.path.isfile(os.path.join(organ_folder, f)):
             organs = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(organ_folder, f)))
-        per_case[f[: -len(file_ending)]] = fp_fn_volumes(pred, ref, ref_img.GetSpacing(), organs)
-    keys = sorted({k for v in per_case.values() for k in v})
+        mimics = None
+        if mimic_folder:
+            mimics = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(mimic_folder, f)))
+        per_case[f[: -len(file_ending)]] = fp_fn_volumes(pred, ref, ref_img.GetSpacing(), organs, mimics)
+    keys = sorted({k for v in per_case.values() for k in v} - {"mimics", "mimics_hit"})
     mean = {k: float(np.mean([v[k] for v in per_case.values()])) for k in keys}
+    n_mimics = sum(v.get("mimics", 0) for v in per_case.values())
+    if mimic_folder and n_mimics:
+        mean["mimic_hit_rate"] = sum(v["mimics_hit"] for v in per_case.values()) / n_mimics
     return {"per_case": per_case, "mean": mean}
 
 
@@ -107,6 +125,13 @@ def bench_volumes(out: str) -> str:
     path = lambda p: p if os.path.isabs(p) else os.path.join(raw, p)  # noqa: E731
     ref = path(test["labels"])
     organs = path(test.get("inputs", {}).get("anatomy", "anatomyTs"))
+    mimic_folder = None
+    ds_json = os.path.join(raw, "dataset.json")
+    if os.path.isfile(ds_json):
+        with open(ds_json) as f:
+            rel = ((json.load(f).get("nnx") or {}).get("phantom_mimics") or {}).get("test")
+        if rel and os.path.isdir(path(rel)):
+            mimic_folder = path(rel)
     rows: Dict[str, Dict[str, List[float]]] = {}
     import re
     for arm in suite["arms"]:
@@ -117,21 +142,24 @@ def bench_volumes(out: str) -> str:
             pred = os.path.join(out, "runs", slug, f"seed{s}", "pred")
             if not os.path.isdir(pred):
                 continue
-            m = folder_volumes(pred, ref, organs if os.path.isdir(organs) else None)["mean"]
+            m = folder_volumes(pred, ref, organs if os.path.isdir(organs) else None,
+                               mimic_folder=mimic_folder)["mean"]
             r = rows.setdefault(arm["name"], {})
             for k, v in m.items():
                 r.setdefault(k, []).append(v)
     acc = res.get("accuracy") or {}
     pred_rows = res.get("predict") or {}
-    lines = ["| arm | Dice | CC-Dice | FPV (mL) | FNV (mL) | FPV outside organs (mL) | predict s/case |",
-             "|---|---|---|---|---|---|---|"]
+    mim_head, mim_rule = (" FPV at mimics (mL) | mimics hit |", "---|---|") if mimic_folder else ("", "")
+    lines = [f"| arm | Dice | CC-Dice | FPV (mL) | FNV (mL) | FPV outside organs (mL) |{mim_head} predict s/case |",
+             f"|---|---|---|---|---|---|{mim_rule}---|"]
     for name, r in rows.items():
         a = acc.get(name, {})
         d = a.get("dice", {}).get("values") or []
         c = a.get("cc_dice", {}).get("values") or []
         sp = pred_rows.get(name, {}).get("s_per_case")
+        mim = (f" {_ms(r.get('FPV_mimics', []))} | {_ms(r.get('mimic_hit_rate', []))} |" if mimic_folder else "")
         lines.append(f"| {name} | {_ms(d, 3)} | {_ms(c, 3)} | {_ms(r.get('FPV', []))} | "
-                     f"{_ms(r.get('FNV', []))} | {_ms(r.get('FPV_outside', []))} | "
+                     f"{_ms(r.get('FNV', []))} | {_ms(r.get('FPV_outside', []))} |{mim} "
                      f"{'n/a' if sp is None else f'{sp:.2f}'} |")
     g, ai = grasp_and_its_inference_twin(suite["arms"])
     ratio = None
