@@ -55,8 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tiers=args.tiers, coarse_dice=args.coarse_dice, scribble_fraction=args.scribble_fraction,
         num_train=args.num_train, num_test=args.num_test, shape=args.shape, spacing=args.spacing,
         lesion_contrast=args.lesion_contrast, max_lesions=args.max_lesions, max_mimics=args.max_mimics,
-        mimic_contrast=args.mimic_contrast, overwrite=args.overwrite, num_processes=args.num_processes, preview=args.preview,
-        preview_case=args.preview_case)
+        mimic_contrast=args.mimic_contrast, overwrite=args.overwrite, num_processes=args.num_processes,
+        preview=args.preview, preview_case=args.preview_case)
     print(report.folder if args.quiet else report.format())
     if args.preview and not args.quiet:
         print(f"  preview: {args.preview}")

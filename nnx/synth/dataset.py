@@ -351,8 +351,8 @@ def best_threshold(hist_all: np.ndarray, hist_les: np.ndarray, edges: np.ndarray
 # the public entry point
 
 _OPTIONS = ("task", "pet", "tiers", "coarse_dice", "scribble_fraction", "num_train", "num_test", "shape", "spacing",
-            "lesion_contrast", "max_lesions", "max_mimics", "mimic_contrast", "overwrite", "num_processes", "preview", "preview_case",
-            "verbose")
+            "lesion_contrast", "max_lesions", "max_mimics", "mimic_contrast", "overwrite", "num_processes", "preview",
+            "preview_case", "verbose")
 
 
 def make_dataset(dataset_id: int, name: Optional[str] = None, preset: str = "tiny", seed: int = 0,
