@@ -14,13 +14,12 @@ from scipy import ndimage as ndi
 from nnx.errors import NNXError
 from nnx.io_utils import atomic_dir, atomic_write_json
 from nnx.synth.annotate import CoarseAnnotator, make_scribbles
-from nnx.synth.phantom import LESION_ORGANS, ORGAN_ID, ORGANS, PhantomParams, generate_case
+from nnx.synth.phantom import LESION_ORGANS, MIMIC_CONTRASTS, ORGAN_ID, ORGANS, PhantomParams, generate_case
 
 FILE_ENDING = ".nii.gz"
 TIERS = ("expert", "coarse", "scribble", "none")
 TASKS = ("lesion", "organs", "joint")
 PET_MODES = ("channel", "train_only", "none")
-MIMIC_CONTRASTS = ("absolute", "relative")
 DEFAULT_TIERS = {"expert": 0.75, "coarse": 0.0, "scribble": 0.0, "none": 0.25}
 # ITK direction matrix: x and y flipped (LPS); in NIfTI (RAS) this is a plain diagonal affine
 DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)

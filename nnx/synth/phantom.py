@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 ORGANS: Tuple[str, ...] = ("liver", "spleen", "kidney", "bladder", "spine")
 ORGAN_ID: Dict[str, int] = {n: i + 1 for i, n in enumerate(ORGANS)}
 LESION_ORGANS: Tuple[str, ...] = ("liver", "kidney")
+MIMIC_CONTRASTS: Tuple[str, ...] = ("absolute", "relative")  # PhantomParams.mimic_contrast
 
 # tissue ids used internally to build the intensity images
 T_AIR, T_FAT, T_SOFT = 0, 1, 2
@@ -280,9 +281,9 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
     spleen = organs == ORGAN_ID["spleen"]
     spleen_in = inner_distance(spleen, sampling)
     free_tissue = interior & (organs == 0)
+    if p.mimic_contrast not in MIMIC_CONTRASTS:
+        raise ValueError(f"mimic_contrast must be one of {MIMIC_CONTRASTS}, got {p.mimic_contrast!r}")
     relative = p.mimic_contrast == "relative"
-    if p.mimic_contrast not in ("absolute", "relative"):
-        raise ValueError(f"mimic_contrast must be 'absolute' or 'relative', got {p.mimic_contrast!r}")
     soft_in = None
     if relative:  # embedded in soft tissue like a lesion in its organ: not in fat, away from fat and other organs
         free_tissue = free_tissue & ~visceral_fat & (dist_les_org >= 1.5)
@@ -310,7 +311,8 @@ def generate_case(rng: np.random.Generator, p: PhantomParams) -> Case:
             sl, m = placed
             mimic[sl] |= m
             like = "liver" if rng.random() < 0.65 else "kidney"
-            if relative:  # the surrounding tissue takes the place of the lesion organ
+            if relative:  # the surrounding tissue takes the place of the lesion organ (the draw above is kept:
+                # it fixes the random stream that the relative datasets were generated and benchmarked with)
                 like = "spleen" if in_spleen else "soft"
             hot = rng.uniform(2.5, 7.0) if rng.random() < (1.0 if relative else p.p_hot_mimic) else None
             mimic_values.append((sl, m, like, -rng.uniform(12, 25), hot))
