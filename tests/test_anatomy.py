@@ -140,9 +140,42 @@ def test_fp_fn_volumes_follow_the_autopet_definitions():
     mimics = np.zeros_like(ref)
     mimics[8, 0, 0] = 1           # one voxel of the 12-voxel FP component: the whole component counts
     mimics[4, 8:10, 0:2] = 1      # a mimic the prediction leaves alone
-    v = fp_fn_volumes(pred, ref, (2.0, 1.0, 1.0), organs, mimics)
+    v = fp_fn_volumes(pred, ref, (2.0, 1.0, 1.0), None, mimics)
     assert v["FPV_mimics"] == pytest.approx(12 * 0.002) and (v["mimics"], v["mimics_hit"]) == (2, 1)
+    assert "mimics_outside" not in v                                    # needs the organ map
     assert "FPV_mimics" not in fp_fn_volumes(pred, ref, (2.0, 1.0, 1.0), organs)
+    mimics[0, 9, 9] = 1           # a mimic inside the organ, hit by the 4-voxel FP
+    mimics[1, 7, 6:9] = 1         # 2 of its 3 voxels in the organ: inside, not hit
+    v = fp_fn_volumes(pred, ref, (2.0, 1.0, 1.0), organs, mimics)
+    assert (v["mimics"], v["mimics_hit"], v["mimics_outside"], v["mimics_outside_hit"]) == (4, 2, 2, 1)
+    assert v["FPV_mimics"] == pytest.approx(16 * 0.002)
+    assert v["FPV_mimics_outside"] == pytest.approx(12 * 0.002)
+
+
+def test_folder_mimic_hit_rates_pool_the_mimics_of_all_cases(tmp_path):
+    import SimpleITK as sitk
+    from nnx_plugins.anatomy.volumes import folder_volumes
+    folders = {k: tmp_path / k for k in ("pred", "ref", "organs", "mimics")}
+    for f in folders.values():
+        f.mkdir()
+    for case, n_out, n_hit_out, n_in in (("a", 3, 1, 0), ("b", 1, 1, 2)):   # outside mimics (hit), inside mimics
+        arrs = {k: np.zeros((4, 12, 12), np.uint8) for k in folders}
+        arrs["organs"][:, :, 6:] = 1
+        for i in range(n_out):
+            arrs["mimics"][1, 2 * i, 0] = 1
+            arrs["pred"][1, 2 * i, 0] = i < n_hit_out
+        for i in range(n_in):
+            arrs["mimics"][1, 2 * i, 8] = 1                             # inside, hit
+            arrs["pred"][1, 2 * i, 8] = 1
+        for k, a in arrs.items():
+            img = sitk.GetImageFromArray(a)
+            img.SetSpacing((1.0, 1.0, 2.0))
+            sitk.WriteImage(img, str(folders[k] / f"{case}.nii.gz"))
+    m = folder_volumes(str(folders["pred"]), str(folders["ref"]), str(folders["organs"]),
+                       mimic_folder=str(folders["mimics"]))["mean"]
+    assert m["mimic_hit_rate"] == pytest.approx(4 / 6)                  # (1 + 0) + (1 + 2) of (3 + 0) + (1 + 2)
+    assert m["mimic_outside_hit_rate"] == pytest.approx(2 / 4)          # pooled, not the mean of 1/3 and 1/1
+    assert "mimics_outside" not in m and "mimics" not in m
 
 
 def test_grasp_inference_time_is_compared_with_the_anatomy_input_arm_of_the_same_encoding():
@@ -169,7 +202,8 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     s = load_suite(copy.deepcopy(SUITE))
     organs, grasp = s.arm("Organs"), s.arm("GRASP")
     assert not organs.evaluated and [a.name for a in s.evaluated_arms] == ["nnU-Net", "ANA in.", "MultiTask",
-                                                                           "GRASP", "ANA in. onehot"]
+                                                                           "GRASP", "ANA in. onehot",
+                                                                           "GRASP onehot"]
     assert organs.dataset["phantom_options"]["task"] == "organs" and s.data_key(organs) != s.data_key()
     assert grasp.options["anatomy_model"] == "@arm:Organs" and grasp.measure_options == {"fusion_start_epoch": "0"}
     k = s.run_key(grasp, 0)

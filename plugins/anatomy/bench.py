@@ -15,7 +15,10 @@ image-only network already told most of them from lesions by their local contras
 * ``GRASP``: ``GRASPTrainer`` with ``anatomy_model: "@arm:Organs"`` (the Organs model of the same seed); its speed
   is measured with fusion on (``measure_options``), its inference network is ANA in.'s;
 * ``ANA in. onehot``: the same with the anatomy map one-hot encoded (one channel per organ) instead of the thesis'
-  single scaled channel.
+  single scaled channel;
+* ``GRASP onehot``: GRASP with that one-hot input (its inference network is ``ANA in. onehot``'s). On this phantom
+  the scaled channel makes the soft-tissue mimics *more* likely to be segmented than no anatomy at all (README), so
+  the one-hot pair is the fair test of "anatomy removes mimic false positives".
 
 nnx_bench reports Dice, CC-Dice, step-time ratios to the stock trainer and predict s/case; the false-positive and
 false-negative volumes (mL, autoPET definitions), the FP volume outside organs (where the mimics are) and the
@@ -26,7 +29,7 @@ Sized for a CPU: the ``2d`` configuration (nnx's CPU plan: patch 80x80, batch 2;
 thread), 50 epochs x 100 iterations = 5000 steps per lesion run, GRASP's fusion from epoch 8 of 50
 (``fusion_start_epoch`` default round(epochs / 6), the thesis' 50 of 300); the organ model 20 epochs (2000 steps).
 Measured per run (one thread, the other core busy): Organs ~4-5 min, nnU-Net and ANA in. ~8.5 min, GRASP ~10.5 min,
-MultiTask ~12 min; 6 arms x 3 seeds ~2.7 h. At 2000 steps per lesion run the image-only arm alone spread from 0.14
+MultiTask ~12 min; 7 arms x 3 seeds ~3.2 h. At 2000 steps per lesion run the image-only arm alone spread from 0.14
 to 0.35 Dice between seeds and no difference could be resolved (README); at 5000 steps it could. A first version ran
 ``3d_fullres`` for 25 steps (patch 32x64x64, ~4 s per step): no arm learned anything (Dice <= 0.08). For a GPU run
 copy this dict into a YAML file, set ``configuration: 3d_fullres`` (the thesis' setting), raise ``training``
@@ -41,9 +44,9 @@ SUITE = {
     "description": ("anatomy injection on the small phantom (lesions only inside organs, mimics with a lesion's local "
                     "contrast elsewhere): nnU-Net "
                     "(image only) vs ANA in. (anatomy map as input), multi-task (anatomy decoder) and GRASP (frozen "
-                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'), and ANA in. with a "
-                    "one-hot anatomy input; 2d, 3 seeds, 5000 steps per lesion run, 2000 for the organ model "
-                    "(CPU, ~2.7 h; 3d_fullres and longer training for a GPU run)"),
+                    "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'), and ANA in. and GRASP "
+                    "with a one-hot anatomy input; 2d, 3 seeds, 5000 steps per lesion run, 2000 for the organ model "
+                    "(CPU, ~3.2 h; 3d_fullres and longer training for a GPU run)"),
     "dataset": {**_PHANTOM, "phantom_id": 877,
                 "phantom_options": {"task": "lesion", "tiers": "expert=1.0", "pet": "channel",
                                     "mimic_contrast": "relative"}},
@@ -63,6 +66,9 @@ SUITE = {
         {"name": "GRASP", "trainer": "GRASPTrainer", "options": {"anatomy_model": "@arm:Organs"},
          "measure_options": {"fusion_start_epoch": 0}},
         {"name": "ANA in. onehot", "trainer": "AnatomyInputTrainer", "options": {"anatomy_encoding": "onehot"}},
+        {"name": "GRASP onehot", "trainer": "GRASPTrainer",
+         "options": {"anatomy_model": "@arm:Organs", "anatomy_encoding": "onehot"},
+         "measure_options": {"fusion_start_epoch": 0}},
     ],
     "baseline": "nnU-Net",
     "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 3},

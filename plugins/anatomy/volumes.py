@@ -11,7 +11,10 @@ entirely outside the anatomy map's organs: on the phantom that is where the lesi
 inside organs), i.e. the false positives anatomy knowledge should remove. On a phantom whose dataset.json names
 its test cases' mimic masks (``nnx.phantom_mimics``, written by nnx_synth), two direct measures are added:
 ``FPV_mimics``, the part of FPV whose components overlap a lesion mimic, and the mimic hit rate, the fraction of
-mimics (connected components) that the prediction overlaps at all (summed over cases, then divided).
+mimics (connected components) that the prediction overlaps at all (summed over cases, then divided). Both are
+also given for the mimics *outside* the organs alone (``FPV_mimics_outside``, ``mimic_outside_hit_rate``; a mimic
+is outside when most of its voxels are on anatomy label 0): the mimics the issue names, whereas the phantom's
+spleen mimics lie inside an organ, where the anatomy map does not rule a lesion out.
 
 ``python -m nnx_plugins.anatomy.volumes BENCH_OUT`` adds these to a finished ``nnx_bench`` output folder
 (``volumes.json``, ``volumes.md``), together with the inference-time ratio GRASP / ANA in. (nnx_bench's core
@@ -33,8 +36,10 @@ CONNECTIVITY_STRUCTURE = ndi.generate_binary_structure(3, 2)  # 18-connectivity 
 def fp_fn_volumes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
                   organs: Optional[np.ndarray] = None, mimics: Optional[np.ndarray] = None) -> Dict[str, float]:
     """FPV, FNV (and FPV_outside when ``organs`` is given; FPV_mimics, ``mimics`` and ``mimics_hit`` (counts of
-    mimic components and of those the prediction overlaps) when the mimic mask ``mimics`` is given) of one case in
-    mL. ``spacing`` in mm (any axis order matching the arrays; only the product is used)."""
+    mimic components and of those the prediction overlaps) when the mimic mask ``mimics`` is given; with both,
+    the same for the mimics outside the organs -- most of their voxels on organ label 0 --: ``FPV_mimics_outside``,
+    ``mimics_outside``, ``mimics_outside_hit``) of one case in mL. ``spacing`` in mm (any axis order matching the
+    arrays; only the product is used)."""
     pred, ref = np.asarray(pred) > 0, np.asarray(ref) > 0
     voxel_ml = float(np.prod(spacing)) / 1000.0
     st = CONNECTIVITY_STRUCTURE if pred.ndim == 3 else ndi.generate_binary_structure(pred.ndim, 2)
@@ -55,15 +60,25 @@ def fp_fn_volumes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         at_mimic = np.intersect1d(fp, np.unique(lab_p[mimics]))
         out["FPV_mimics"] = float(sizes_p[at_mimic].sum()) * voxel_ml
         lab_m, n_m = ndi.label(mimics, st)
+        hit = np.setdiff1d(np.unique(lab_m[pred]), [0])
         out["mimics"] = int(n_m)
-        out["mimics_hit"] = int(len(np.setdiff1d(np.unique(lab_m[pred]), [0])))
+        out["mimics_hit"] = int(len(hit))
+        if organs is not None:  # the issue's case: mimics outside every organ (most of their voxels on label 0)
+            in_organ = np.bincount(lab_m[np.asarray(organs) > 0], minlength=n_m + 1)
+            size_m = np.bincount(lab_m.ravel(), minlength=n_m + 1)
+            outside_m = np.flatnonzero(2 * in_organ[1:] < size_m[1:]) + 1
+            out["mimics_outside"] = int(len(outside_m))
+            out["mimics_outside_hit"] = int(len(np.intersect1d(hit, outside_m)))
+            at_outside = np.intersect1d(fp, np.unique(lab_p[np.isin(lab_m, outside_m)]))
+            out["FPV_mimics_outside"] = float(sizes_p[at_outside].sum()) * voxel_ml
     return out
 
 
 def folder_volumes(pred_folder: str, ref_folder: str, organ_folder: Optional[str] = None,
                    file_ending: str = ".nii.gz", mimic_folder: Optional[str] = None) -> Dict[str, object]:
     """Per-case volumes and their means over the cases of ``ref_folder`` (with mimic masks: ``mimic_hit_rate``,
-    all hit mimics over all mimics, instead of the mean of the per-case counts)."""
+    all hit mimics over all mimics, instead of the mean of the per-case counts; with organ maps too,
+    ``mimic_outside_hit_rate``, the same over the mimics outside the organs)."""
     import SimpleITK as sitk
     per_case = {}
     for f in sorted(os.listdir(ref_folder)):
@@ -79,11 +94,14 @@ def folder_volumes(pred_folder: str, ref_folder: str, organ_folder: Optional[str
         if mimic_folder:
             mimics = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(mimic_folder, f)))
         per_case[f[: -len(file_ending)]] = fp_fn_volumes(pred, ref, ref_img.GetSpacing(), organs, mimics)
-    keys = sorted({k for v in per_case.values() for k in v} - {"mimics", "mimics_hit"})
+    counts = {"mimics", "mimics_hit", "mimics_outside", "mimics_outside_hit"}
+    keys = sorted({k for v in per_case.values() for k in v} - counts)
     mean = {k: float(np.mean([v[k] for v in per_case.values()])) for k in keys}
-    n_mimics = sum(v.get("mimics", 0) for v in per_case.values())
-    if mimic_folder and n_mimics:
-        mean["mimic_hit_rate"] = sum(v["mimics_hit"] for v in per_case.values()) / n_mimics
+    for rate, n_key, hit_key in (("mimic_hit_rate", "mimics", "mimics_hit"),
+                                 ("mimic_outside_hit_rate", "mimics_outside", "mimics_outside_hit")):
+        n = sum(v.get(n_key, 0) for v in per_case.values())
+        if mimic_folder and n:
+            mean[rate] = sum(v[hit_key] for v in per_case.values()) / n
     return {"per_case": per_case, "mean": mean}
 
 
@@ -149,7 +167,8 @@ def bench_volumes(out: str) -> str:
                 r.setdefault(k, []).append(v)
     acc = res.get("accuracy") or {}
     pred_rows = res.get("predict") or {}
-    mim_head, mim_rule = (" FPV at mimics (mL) | mimics hit |", "---|---|") if mimic_folder else ("", "")
+    mim_head, mim_rule = ((" FPV at mimics (mL) | mimics hit | FPV at mimics outside organs (mL) | "
+                           "mimics outside organs hit |", "---|---|---|---|") if mimic_folder else ("", ""))
     lines = [f"| arm | Dice | CC-Dice | FPV (mL) | FNV (mL) | FPV outside organs (mL) |{mim_head} predict s/case |",
              f"|---|---|---|---|---|---|{mim_rule}---|"]
     for name, r in rows.items():
@@ -157,7 +176,9 @@ def bench_volumes(out: str) -> str:
         d = a.get("dice", {}).get("values") or []
         c = a.get("cc_dice", {}).get("values") or []
         sp = pred_rows.get(name, {}).get("s_per_case")
-        mim = (f" {_ms(r.get('FPV_mimics', []))} | {_ms(r.get('mimic_hit_rate', []))} |" if mimic_folder else "")
+        mim = (f" {_ms(r.get('FPV_mimics', []))} | {_ms(r.get('mimic_hit_rate', []))} | "
+               f"{_ms(r.get('FPV_mimics_outside', []))} | {_ms(r.get('mimic_outside_hit_rate', []))} |"
+               if mimic_folder else "")
         lines.append(f"| {name} | {_ms(d, 3)} | {_ms(c, 3)} | {_ms(r.get('FPV', []))} | "
                      f"{_ms(r.get('FNV', []))} | {_ms(r.get('FPV_outside', []))} |{mim} "
                      f"{'n/a' if sp is None else f'{sp:.2f}'} |")
