@@ -11,12 +11,12 @@ Grouping (option ``anatomy_groups``, e.g. ``liver+kidney/spleen/bladder+spine``)
 by ``+``, by label name or value; group ``g`` is the g-th group. Classes in no group become background (they are
 dropped), so a grouping can also keep only the organs that matter. Empty = every foreground label is its own class.
 
-A scaled channel puts the classes on one line, and a network treats neighbouring codes alike: on the anatomy
-phantom, with liver (a lesion organ) at 0.2 next to background's 0, soft-tissue lesion mimics were segmented more
-often than without any anatomy input; with the order reversed (``anatomy_groups=spine/bladder/spleen/kidney/liver``,
-lesion organs at 0.8 / 1.0) the soft-tissue mimics were hit less often and the spleen mimics (0.6) more (the
-plugin's README has the numbers). So with ``scaled``, order the groups so that the organs that carry the pathology
-sit far from 0 and from organs that do not; ``onehot`` has no order.
+A scaled channel puts the classes on one line, so which code each class gets matters. On the anatomy phantom,
+with liver (a lesion organ) at 0.2 next to background's 0, lesion mimics in soft tissue (code 0) were segmented
+about twice as often as with no anatomy input (48 % vs 26 %). With the same five classes in reverse order
+(``anatomy_groups=spine/bladder/spleen/kidney/liver``: liver 1.0, kidney 0.8) they were hit in 14 %. The plugin's
+README has the numbers. So with ``scaled``, give the organs that carry the pathology codes far from 0. ``onehot``
+has no order.
 
 The encodings are lists of channel definitions for :func:`nnx.extras.onehot` (an int = one-hot of that value,
 ``[[value, weight], ...]`` = weighted sum), so training batches, validation and ``nnx_predict`` produce the same
