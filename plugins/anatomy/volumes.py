@@ -52,7 +52,8 @@ def fp_fn_volumes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     out = {"FPV": float(sizes_p[fp].sum()) * voxel_ml, "FNV": float(sizes_r[fn].sum()) * voxel_ml,
            "FP_components": int(len(fp)), "FN_components": int(len(fn))}
     if organs is not None:
-        inside = np.unique(lab_p[np.asarray(organs) > 0])
+        organs = np.asarray(organs) > 0
+        inside = np.unique(lab_p[organs])
         outside = np.setdiff1d(fp, inside)
         out["FPV_outside"] = float(sizes_p[outside].sum()) * voxel_ml
     if mimics is not None:
@@ -64,7 +65,7 @@ def fp_fn_volumes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
         out["mimics"] = int(n_m)
         out["mimics_hit"] = int(len(hit))
         if organs is not None:  # the case: mimics outside every organ (most of their voxels on label 0)
-            in_organ = np.bincount(lab_m[np.asarray(organs) > 0], minlength=n_m + 1)
+            in_organ = np.bincount(lab_m[organs], minlength=n_m + 1)
             size_m = np.bincount(lab_m.ravel(), minlength=n_m + 1)
             outside_m = np.flatnonzero(2 * in_organ[1:] < size_m[1:]) + 1
             out["mimics_outside"] = int(len(outside_m))
