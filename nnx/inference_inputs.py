@@ -9,7 +9,7 @@ case's image, values declared), goes through the image's preprocessing geometry
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -102,11 +102,64 @@ def iterate_preprocessed(image_folder: str, cases: Sequence[str], folders: Dict[
                "ofile": os.path.join(output_folder, case)}
 
 
-def initialize_predictor(predictor, model_dir: str, folds, checkpoint: str, inputs: List[dict]) -> None:
-    """``initialize_from_trained_model_folder`` with the input channels counted."""
+def inference_option_overrides(trainer_name: str, raw: Dict[str, str]) -> Dict[str, Any]:
+    """``nnx_predict --opt`` values, checked: only the trainer's ``nnx_inference_options`` can be changed at
+    prediction time (the others shaped the trained weights). One-line :class:`NNXError` otherwise."""
+    if not raw:
+        return {}
+    from nnx.options import declared_options
+    from nnx.registry import load_trainer
+    cls = load_trainer(trainer_name)
+    allowed = tuple(getattr(cls, "nnx_inference_options", ()) or ())
+    bad = [k for k in raw if k not in allowed]
+    if bad:
+        raise NNXError(f"option '{bad[0]}' cannot be changed at prediction time; {trainer_name} takes "
+                       + (f"--opt {', '.join(allowed)}" if allowed else "no prediction-time options"), "--opt")
+    declared = declared_options(cls)
+    return {k: declared[k].convert(k, v, "--opt") for k, v in raw.items()}
+
+
+def fold_options(cls: type, fold_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The training options of one fold (``nnx_config.json``; defaults where missing) with ``overrides`` applied."""
+    from nnx.io_utils import read_json
+    from nnx.options import CONFIG_FILE, declared_options, resolve
+    path = os.path.join(fold_dir, CONFIG_FILE)
+    declared = declared_options(cls)
+    if not os.path.isfile(path):  # a fold copied without its config: defaults (the hook sees what is missing)
+        return {**{k: o.default for k, o in declared.items()}, **overrides}
+    stored = read_json(path, CONFIG_FILE).get("options", {})
+    raw = {k: v for k, v in stored.items() if k in declared}  # options a newer nnx removed are ignored
+    raw.update(overrides)
+    return resolve(cls, raw, path)
+
+
+def initialize_predictor(predictor, model_dir: str, folds, checkpoint: str, inputs: List[dict],
+                         options: Optional[Dict[str, Any]] = None) -> None:
+    """``initialize_from_trained_model_folder`` with the input channels counted; then the trainer's
+    ``nnx_inference_network`` may replace the network (``options``: prediction-time option overrides)."""
     import nnunetv2.inference.predict_from_raw_data as pfr
+    import torch
     from nnx.compat import patched
     extra = sum(len(i["values"]) for i in inputs)
     stock = pfr.determine_num_input_channels
     with patched(pfr, "determine_num_input_channels", lambda *a, **kw: stock(*a, **kw) + extra):
         predictor.initialize_from_trained_model_folder(model_dir, use_folds=tuple(folds), checkpoint_name=checkpoint)
+    from nnx.registry import load_trainer
+    from nnx.trainer_base import nnxTrainerMixin
+    try:
+        cls = load_trainer(predictor.trainer_name)
+    except NNXError:  # not an nnx trainer: nnU-Net's network as loaded
+        return
+    hook = getattr(cls, "nnx_inference_network", None)
+    if hook is None or getattr(hook, "__func__", None) is nnxTrainerMixin.nnx_inference_network.__func__:
+        return  # nnU-Net's network as loaded
+    info = []
+    for f in folds:
+        d = os.path.join(model_dir, f"fold_{f}")
+        ck = torch.load(os.path.join(d, checkpoint), map_location="cpu", weights_only=False)
+        info.append({"dir": d, "checkpoint": ck, "options": fold_options(cls, d, options or {})})
+    res = hook(predictor.network, info, predictor)
+    if res is not None:
+        module, params = res
+        module.load_state_dict(params[0])
+        predictor.network, predictor.list_of_parameters = module, list(params)

@@ -112,6 +112,7 @@ def describe(cls: type) -> Dict[str, Any]:
                                                       if baseline else ""),
         "requires": requirements(cls),
         "options": options_table(cls),
+        "predict_options": list(getattr(cls, "nnx_inference_options", ()) or ()),
         "memory_profile": memory_profile(cls),
         "inference_network_is_stock": inference_network_is_stock(cls),
         "module": f"{cls.__module__}:{cls.__qualname__}",

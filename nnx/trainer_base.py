@@ -23,6 +23,8 @@ instantiating it:
                      for a stored configuration that needs more; ``nnx_export`` uses it
 ``nnx_overhead_options``  options (key -> string) the ``nnx_bench overhead`` suite gives the trainer, for trainers
                      that cannot run on their defaults alone (e.g. one that needs a trained model as an option)
+``nnx_inference_options``  names of options that ``nnx_predict --opt`` may change for prediction (the others are
+                     the training run's, from ``<fold>/nnx_config.json``); read by :meth:`nnx_inference_network`
 
 Options are read from ``NNX_TRAINER_OPTS`` (set by ``nnx_train`` or by the user under stock ``nnUNetv2_train``),
 validated *before* nnU-Net creates any output folder, applied, and written to ``<fold>/nnx_config.json``.
@@ -31,6 +33,7 @@ Modules that must not reach inference (teachers, heads) live outside ``self.netw
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -61,6 +64,25 @@ class nnxTrainerMixin:
     nnx_inference_network_is_stock: bool = True
     nnx_stock_network_weights: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     nnx_overhead_options: Dict[str, str] = {}
+    nnx_inference_options: Tuple[str, ...] = ()
+
+    @classmethod
+    def nnx_inference_network(cls, network: torch.nn.Module, folds: List[Dict[str, Any]], predictor
+                              ) -> Optional[Tuple[torch.nn.Module, List[Dict[str, Any]]]]:
+        """What ``nnx_predict`` runs. ``None`` (default): nnU-Net's planned ``network`` with each fold's
+        ``network_weights``. Or ``(module, state_dicts)``: a module that replaces the network at inference (it gets
+        the same preprocessed input and returns the same logits) and one ``module.load_state_dict`` dict per fold.
+        ``folds``: one ``{"dir", "checkpoint", "options"}`` per fold; ``options`` are the fold's training options
+        (``nnx_config.json``) with ``nnx_predict --opt`` overrides of :attr:`nnx_inference_options` applied.
+        ``predictor``: the initialised ``nnUNetPredictor`` (plans, configuration, dataset.json, device)."""
+        return None
+
+    @contextlib.contextmanager
+    def nnx_eval_network(self):
+        """While active, ``self.network`` is what eval mode runs: nnU-Net's per-epoch validation, the final
+        validation and ``nnx_bench``'s inference timing go through it. Default: the network itself. Override for a
+        trainer whose eval-mode network wraps it (keep ``self.network`` the plain network outside)."""
+        yield
 
     @classmethod
     def nnx_check_options(cls, values: Dict[str, Any], source: str) -> None:
@@ -249,8 +271,13 @@ class nnxTrainer(nnxTrainerMixin, nnUNetTrainer):
         with patched(_stock_trainer_module, "determine_num_input_channels", with_inputs):
             super().initialize()
 
+    def validation_step(self, batch: dict) -> dict:
+        with self.nnx_eval_network():
+            return super().validation_step(batch)
+
     def perform_actual_validation(self, save_probabilities: bool = False):
-        self._nnx_validate(save_probabilities)
+        with self.nnx_eval_network():
+            self._nnx_validate(save_probabilities)
         if self.local_rank == 0:  # CC-Metrics next to nnU-Net's validation summary
             from nnunetv2.configuration import default_num_processes
             from nnx.cc_evaluation import cc_after_validation

@@ -203,7 +203,8 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     organs, grasp = s.arm("Organs"), s.arm("GRASP")
     assert not organs.evaluated and [a.name for a in s.evaluated_arms] == ["nnU-Net", "ANA in.", "MultiTask",
                                                                            "GRASP", "ANA in. onehot",
-                                                                           "GRASP onehot"]
+                                                                           "GRASP onehot", "GRASP fused-inf",
+                                                                           "GRASP onehot fused-inf"]
     assert organs.dataset["phantom_options"]["task"] == "organs" and s.data_key(organs) != s.data_key()
     assert grasp.options["anatomy_model"] == "@arm:Organs" and grasp.measure_options == {"fusion_start_epoch": "0"}
     k = s.run_key(grasp, 0)
@@ -218,6 +219,20 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
     opts = b.resolved_options(grasp, 2)
     assert opts["anatomy_model"] == "/tmp/out/runs/Organs/seed2/results/Dataset878_PhantomSmall/" \
                                     f"nnUNetTrainer__nnUNetPlans__{s.configuration}"
+    fused = s.arm("GRASP fused-inf")                                 # GRASP's training, predicted with fusion on
+    assert fused.predict_options == {"inference_fusion": "on"} and s.training_arm(fused) is grasp
+    assert s.training_arm(s.arm("GRASP onehot fused-inf")) is s.arm("GRASP onehot")
+    assert s.training_arm(grasp) is grasp and s.predict_key(fused, 0) != s.predict_key(grasp, 0)
+    assert b.model_dir(fused, 1) == b.model_dir(grasp, 1) != b.model_dir(s.arm("GRASP onehot"), 1)
+    assert b.run_dir(fused, 1) != b.run_dir(grasp, 1)                # its own predictions and evaluation
+    trained = []
+    b.train = lambda arm, seed, status, _t=b.train: (trained.append(arm.name) or {"train_s": 1.0}) \
+        if arm is grasp else _t(arm, seed, status)
+    assert b.train(fused, 0, None)["shared_with"] == "GRASP" and trained == ["GRASP"]
+    bad = copy.deepcopy(SUITE)
+    bad["arms"][-1]["predict_options"] = {"heads": 4}               # shapes the weights: not a prediction option
+    with pytest.raises(NNXError, match="cannot be changed at prediction time"):
+        load_suite(bad)
     bad = copy.deepcopy(SUITE)
     bad["arms"] = sorted(bad["arms"], key=lambda a: a["name"] != "GRASP")  # GRASP before Organs
     with pytest.raises(NNXError, match="earlier arm"):
@@ -373,6 +388,96 @@ def test_grasp_checkpoint_predicts_with_nnunets_own_network_exactly_as_nnx_predi
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "nnx" / f"{c}.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "stock" / f"{c}.nii.gz")))
         assert np.array_equal(a, b)
+
+
+def test_grasp_inference_fusion_on_runs_the_fused_network_in_validation_and_in_nnx_predict(
+        grasp, tiny_planned, tmp_path, one_thread, monkeypatch):
+    """inference_fusion=on (the spec's keep-fusion-at-inference variant): after the switch epoch, eval mode runs
+    encoder -> fusion (frozen organ encoder) -> decoder; nnx_predict --opt inference_fusion=on on a checkpoint
+    trained with fusion dropped gives exactly that network's probabilities, which differ from the plain network's."""
+    from nnx import inference_inputs
+    from nnx.cli.predict import predict_folder
+    from nnx.ext_path import SHIM_DIR
+    from nnx.options import write_config
+    from nnx_plugins.anatomy.trainer import GRASPFusedNet
+    monkeypatch.setenv("nnUNet_extTrainer", SHIM_DIR)
+    t, dl_tr, _ = grasp
+    x = next(dl_tr)["data"]
+    t.current_epoch = 2                                               # after the switch (epoch 1)
+    plain_net = t.network
+    plain_net.eval()
+    fused = GRASPFusedNet(plain_net, t.grasp_fusion, t.grasp_anatomy, 0).eval()
+    with torch.no_grad():
+        plain, want = plain_net(x)[0], fused(x)[0]
+        assert not torch.allclose(plain, want)
+        assert torch.equal(t.grasp_forward(x)[0], plain)              # default off: eval mode is plain
+        monkeypatch.setitem(t.nnx_opts, "inference_fusion", "on")
+        assert torch.equal(t.grasp_forward(x)[0], want)               # on: eval mode is fused
+        with t.nnx_eval_network():                                   # nnU-Net's validation sees the fused net
+            assert isinstance(t.network, GRASPFusedNet) and torch.equal(t.network(x)[0], want)
+        assert t.network is plain_net and t.grasp_fusion.training
+        t.current_epoch = 0
+        with t.nnx_eval_network():                                   # before the switch: plain, as trained
+            assert t.network is plain_net
+    monkeypatch.setitem(t.nnx_opts, "inference_fusion", "off")
+
+    model = tmp_path / "model"
+    os.makedirs(model / "fold_0")
+    pp = os.path.join(os.environ["nnUNet_preprocessed"], tiny_planned)
+    for f in (PLANS + ".json", "dataset.json"):
+        shutil.copy(os.path.join(pp, f), model / ("plans.json" if f.startswith(PLANS) else f))
+    write_config(str(model / "fold_0"), "GRASPTrainer", t.nnx_opts, "test")  # trained with inference_fusion=off
+    ck_path = model / "fold_0" / "checkpoint_final.pth"
+    t.current_epoch = 0
+    t.save_checkpoint(str(ck_path))                                   # saved before the fusion was trained
+    raw = os.path.join(os.environ["nnUNet_raw"], tiny_planned)
+    images, anat = os.path.join(raw, "imagesTs"), os.path.join(raw, "anatomyTs")
+    cases = sorted(f[:-12] for f in os.listdir(images) if f.endswith("_0000.nii.gz"))[:1]
+    sub = tmp_path / "images"
+    os.makedirs(sub)
+    for ch in (0, 1):
+        shutil.copy(os.path.join(images, f"{cases[0]}_{ch:04d}.nii.gz"), sub)
+    inputs = inference_inputs.model_inputs(str(model), [0], "checkpoint_final.pth")
+    on = inference_inputs.inference_option_overrides("GRASPTrainer", {"inference_fusion": "on"})
+
+    def predict(name, options):
+        predict_folder(str(sub), str(tmp_path / name), str(model), [0], "checkpoint_final.pth",
+                       torch.device("cpu"), tta=False, save_probabilities=True, progress=False, inputs=inputs,
+                       input_folders={"anatomy": anat}, cases=cases, options=options)
+        return np.load(tmp_path / name / f"{cases[0]}.npz")["probabilities"]
+
+    with pytest.raises(NNXError, match="fusion was never trained"):
+        predict("early", on)
+    t.current_epoch = 2
+    t.save_checkpoint(str(ck_path))
+    p_off, p_on = predict("off", None), predict("on", on)
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    pred = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, perform_everything_on_device=False,
+                           device=torch.device("cpu"), allow_tqdm=False)
+    ref = GRASPFusedNet(t.network, t.grasp_fusion, t.grasp_anatomy, 0)
+    pred.manual_initialization(ref, t.plans_manager, t.configuration_manager, [ref.state_dict()], t.dataset_json,
+                               "GRASPTrainer", None)
+    t.set_deep_supervision_enabled(False)
+    try:
+        os.makedirs(tmp_path / "ref")
+        items = inference_inputs.iterate_preprocessed(str(sub), cases, {"anatomy": anat}, inputs, pred,
+                                                      str(tmp_path / "ref"))
+        pred.predict_from_data_iterator(items, True, 1)
+    finally:
+        t.set_deep_supervision_enabled(True)
+        t.network.train()
+        t.grasp_fusion.train()
+    p_ref = np.load(tmp_path / "ref" / f"{cases[0]}.npz")["probabilities"]
+    assert np.allclose(p_on, p_ref, atol=1e-5)                        # the hook assembled the same network
+    assert not np.allclose(p_on, p_off, atol=1e-3)                    # and it is not the plain one
+
+    with pytest.raises(NNXError, match="cannot be changed at prediction time"):
+        inference_inputs.inference_option_overrides("GRASPTrainer", {"heads": "4"})
+    with pytest.raises(NNXError, match="must be one of"):
+        inference_inputs.inference_option_overrides("GRASPTrainer", {"inference_fusion": "maybe"})
+    with pytest.raises(NNXError, match="takes no prediction-time options"):
+        inference_inputs.inference_option_overrides("AnatomyInputTrainer", {"inference_fusion": "on"})
 
 
 def test_bad_organ_model_folders_give_one_line_errors(tiny_planned, organ_model, tmp_path, capsys, monkeypatch):

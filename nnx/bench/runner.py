@@ -151,8 +151,9 @@ class Bench:
         return self.arm_data.get(arm.name, (self.dataset, self.plans))
 
     def model_dir(self, arm: Arm, seed: int) -> str:
+        """The trained model of ``arm`` (in the run folder of the arm whose training it shares, usually itself)."""
         dataset, plans = self.data_of(arm)
-        return os.path.join(self.run_dir(arm, seed), "results", dataset,
+        return os.path.join(self.run_dir(self.suite.training_arm(arm), seed), "results", dataset,
                             f"{arm.trainer}__{plans}__{self.suite.configuration}")
 
     def resolved_options(self, arm: Arm, seed: int) -> Dict[str, str]:
@@ -161,6 +162,9 @@ class Bench:
                 for k, v in arm.options.items() for ref in [arm_reference(v)]}
 
     def train(self, arm: Arm, seed: int, status: Callable[[str], None]) -> Dict[str, Any]:
+        first = self.suite.training_arm(arm)
+        if first is not arm:  # same training as an earlier arm (trained before it): only predicted differently
+            return {**self.train(first, seed, status), "skipped": True, "shared_with": first.name}
         key = self.suite.run_key(arm, seed)
         rdir = self.run_dir(arm, seed)
         path = os.path.join(rdir, "train.json")
@@ -222,7 +226,7 @@ class Bench:
         if self.suite.test["source"] != "test":
             return None
         t = self.suite.test
-        key = digest({"run": self.suite.run_key(arm, seed), "test": t})
+        key = self.suite.predict_key(arm, seed)
         rdir = self.run_dir(arm, seed)
         path = os.path.join(rdir, "predict.json")
         rec = done(path, key)
@@ -241,6 +245,7 @@ class Bench:
         wanted = {i["name"] for i in inputs}
         folders = {k: self._test_path(v) for k, v in t["inputs"].items() if k in wanted}
         inference_inputs.check_input_folders(cases, images, folders, inputs, dataset_json["file_ending"])
+        options = inference_inputs.inference_option_overrides(arm.trainer, arm.predict_options)
         pred = os.path.join(rdir, "pred")
         shutil.rmtree(pred, ignore_errors=True)
         from nnx.ext_path import ensure_ext_trainer_env
@@ -250,7 +255,7 @@ class Bench:
         with open(os.path.join(rdir, "predict.log"), "w") as log, contextlib.redirect_stdout(log):
             predict_folder(images, pred, mdir, [self.suite.fold], chk, torch.device(self.device),
                            float(t["step_size"]), bool(t["tta"]), progress=False, inputs=inputs,
-                           input_folders=folders, cases=cases)
+                           input_folders=folders, cases=cases, options=options)
         wall = time.time() - t0
         rec = {"key": key, "cases": len(cases), "predict_s": wall, "s_per_case": wall / max(1, len(cases)),
                "tta": bool(t["tta"])}
@@ -264,7 +269,7 @@ class Bench:
         t = self.suite.test
         dj = read_json(os.path.join(os.environ["nnUNet_preprocessed"], self.dataset, "dataset.json"), "dataset.json")
         if arm is not None:
-            key = digest({"run": self.suite.run_key(arm, seed), "test": t})
+            key = self.suite.predict_key(arm, seed)
             edir = self.run_dir(arm, seed)
             if t["source"] == "test":
                 pred, ref = os.path.join(edir, "pred"), self._test_path(t["labels"])

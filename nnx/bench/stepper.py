@@ -163,30 +163,32 @@ def main(argv=None) -> int:
 
 
 def infer_times(trainer, n: int, device) -> list:
-    """Forward passes of ``trainer.network`` in eval mode (what the predictor runs per sliding-window tile) on
-    one patch of a real batch, deep supervision off as in nnU-Net's predictor."""
+    """Forward passes of the eval-mode network (``trainer.network``, or what an nnx trainer's ``nnx_eval_network``
+    puts there: what the predictor runs per sliding-window tile) on one patch of a real batch, deep supervision off
+    as in nnU-Net's predictor."""
+    import contextlib
     import torch
     batch = next(trainer.dataloader_train)
     x = batch["data"][:1].to(device)
-    net = trainer.network
-    trainer.set_deep_supervision_enabled(False)
-    net.eval()
     out = []
-    try:
-        with torch.no_grad():
-            net(x)  # warm-up
-            for _ in range(n):
-                _sync(device)
-                a = time.perf_counter()
-                net(x)
-                _sync(device)
-                out.append(time.perf_counter() - a)
-    finally:
-        net.train()
-        if trainer.enable_deep_supervision:
-            trainer.set_deep_supervision_enabled(True)
+    with getattr(trainer, "nnx_eval_network", contextlib.nullcontext)():
+        net = trainer.network
+        trainer.set_deep_supervision_enabled(False)
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(x)  # warm-up
+                for _ in range(n):
+                    _sync(device)
+                    a = time.perf_counter()
+                    net(x)
+                    _sync(device)
+                    out.append(time.perf_counter() - a)
+        finally:
+            net.train()
+            if trainer.enable_deep_supervision:
+                trainer.set_deep_supervision_enabled(True)
     return out
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,6 +32,10 @@ A suite names the dataset, the label setting, the trainers ("arms") and how long
       # - {name: Organs, trainer: nnUNetTrainer, dataset: {phantom: small, phantom_id: 875,
       #                                                    phantom_options: {task: organs}}}
       # - {name: GRASP, trainer: GRASPTrainer, options: {anatomy_model: "@arm:Organs"}}
+      # prediction-time options (nnx_predict --opt; the trainer's nnx_inference_options): an arm whose trainer and
+      # options equal an earlier arm's shares that arm's training and is only predicted differently
+      # - {name: GRASP fused-inf, trainer: GRASPTrainer, options: {anatomy_model: "@arm:Organs"},
+      #    predict_options: {inference_fusion: "on"}}
     baseline: stock                    # deltas are taken against this arm (default: the first)
     measure: {steps: 3, rounds: 3, warmup: 2, infer: 3, mode: interleaved, group: 0}
     # group: N > 1 keeps at most N worker processes alive at once (the stock arm runs in every group)
@@ -70,7 +74,7 @@ _DATASET_KEYS = {"id", "phantom", "phantom_id", "phantom_seed", "phantom_options
 _PLANS_KEYS = {"identifier", "gpu_memory_target", "trainer", "planner"}
 _TEST_KEYS = {"source", "images", "labels", "inputs", "tta", "step_size"}
 _MEASURE_KEYS = {"steps", "rounds", "warmup", "infer", "mode", "group"}
-_ARM_KEYS = {"name", "trainer", "options", "dataset", "measure_options"}
+_ARM_KEYS = {"name", "trainer", "options", "dataset", "measure_options", "predict_options"}
 ARM_REF = "@arm:"
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*( [A-Za-z0-9_.+()-]+)*$")
 
@@ -87,6 +91,7 @@ class Arm:
     options: Dict[str, str]  # raw key=value strings (nnx_train --opt), label setting and schedule merged in
     dataset: Optional[Dict[str, Any]] = None  # its own dataset: trained only (a model other arms refer to)
     measure_options: Dict[str, str] = field(default_factory=dict)
+    predict_options: Dict[str, str] = field(default_factory=dict)  # nnx_predict --opt (inference options only)
 
     @property
     def evaluated(self) -> bool:
@@ -133,9 +138,21 @@ class Suite:
                 "test": self.test, "references": self.references, "baseline": self.baseline,
                 "arms": [{"name": a.name, "trainer": a.trainer, "options": a.options,
                           **({"dataset": a.dataset} if a.dataset is not None else {}),
-                          **({"measure_options": a.measure_options} if a.measure_options else {})}
+                          **({"measure_options": a.measure_options} if a.measure_options else {}),
+                          **({"predict_options": a.predict_options} if a.predict_options else {})}
                          for a in self.arms],
                 "measure": self.measure, "source": self.source}
+
+    def training_arm(self, arm: Arm) -> Arm:
+        """The first arm with the same training as ``arm`` (same dataset, trainer and options; arms that differ
+        only in ``predict_options`` share one training)."""
+        key = self.run_key(arm, 0)
+        return next(a for a in self.arms if a.dataset == arm.dataset and self.run_key(a, 0) == key)
+
+    def predict_key(self, arm: Arm, seed: int) -> str:
+        """Identity of an arm's test predictions: its training, the test settings, its prediction options."""
+        return digest({"run": self.run_key(arm, seed), "test": self.test,
+                       **({"predict_options": arm.predict_options} if arm.predict_options else {})})
 
     def data_key(self, arm: Optional[Arm] = None) -> str:
         """Identity of the planned data (of an arm with its own dataset): a change re-plans (and re-runs)."""
@@ -388,11 +405,20 @@ def _parse_arms(obj: Dict[str, Any], where: str, common: Dict[str, str]) -> List
             nnx_options.resolve(load_trainer(trainer), {**raw, **measure_opts}, f"arm '{name}' (measure_options)")
         except NNXError as e:
             raise NNXError(str(e), where) from None
+        predict_opts = {str(k): _opt_str(v) for k, v in _mapping(item.get("predict_options"),
+                                                                 f"arms[{i}].predict_options", where).items()}
+        if predict_opts:
+            from nnx.inference_inputs import inference_option_overrides
+            try:
+                inference_option_overrides(trainer, predict_opts)
+            except NNXError as e:
+                raise NNXError(f"arm '{name}': {e.message}", where) from None
         arm_ds = _parse_dataset(item["dataset"], f"arms[{i}].dataset", where) if "dataset" in item else None
-        if arm_ds is not None and measure_opts:
-            raise NNXError(f"arm '{name}' has its own dataset: it is trained only, 'measure_options' do not apply",
-                           where)
-        arms.append(Arm(name=name, trainer=trainer, options=raw, dataset=arm_ds, measure_options=measure_opts))
+        if arm_ds is not None and (measure_opts or predict_opts):
+            raise NNXError(f"arm '{name}' has its own dataset: it is trained only, 'measure_options' and "
+                           f"'predict_options' do not apply", where)
+        arms.append(Arm(name=name, trainer=trainer, options=raw, dataset=arm_ds, measure_options=measure_opts,
+                        predict_options=predict_opts))
     if not any(a.evaluated for a in arms):
         raise NNXError("every arm has its own 'dataset': at least one arm must train on the suite's dataset", where)
     if not any(a.trainer == STOCK and a.evaluated for a in arms):

@@ -154,7 +154,10 @@ def run(suite, out: str, device: str) -> int:
         for arm, seed in runs:  # all trainings first, then predictions side by side
             prog.start(f"train {arm.name} seed {seed}")
             rec = bench.train(arm, seed, prog.status)
-            prog.done(_note(rec, f"{rec['train_s']:.0f} s" + (" (resumed)" if rec.get("resumed") else "")))
+            if rec.get("shared_with"):
+                prog.done(f"the training of {rec['shared_with']}")
+            else:
+                prog.done(_note(rec, f"{rec['train_s']:.0f} s" + (" (resumed)" if rec.get("resumed") else "")))
         for arm, seed in runs:
             if not arm.evaluated:
                 continue
@@ -197,7 +200,8 @@ def run(suite, out: str, device: str) -> int:
         result.update({"accuracy": acc, "runs": evals, "predict": predict_rows, "references": refs})
         common = {**(suite.raw.get("training") or {}), **(suite.raw.get("labels") or {})}
         opts = ", ".join(f"{k}={v}" for k, v in common.items())
-        own = {a.name: {k: v for k, v in a.options.items() if str(common.get(k)) != v} for a in suite.arms}
+        own = {a.name: {**{k: v for k, v in a.options.items() if str(common.get(k)) != v},
+                        **{f"{k} (predict)": v for k, v in a.predict_options.items()}} for a in suite.arms}
         per_arm = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in own.items() if o)
         md += ["", "## Accuracy", "", f"Every arm: {opts}." + (f" Arm options: {per_arm}." if per_arm else ""), "",
                report.accuracy_markdown(acc, suite.baseline, suite.seeds)]
@@ -241,10 +245,13 @@ def measure(suite, bench, device: str, prog: Progress):
     from nnx.io_utils import atomic_write_json
     m = suite.measure
     # arms on their own dataset are not measured; "@arm:NAME" options point at seed 0's model of that arm
-    arms = [{"name": a.name, "trainer": a.trainer, "options": {**bench.resolved_options(a, 0), **a.measure_options}}
+    # prediction options join the measurement: inference timing runs the network the arm predicts with
+    arms = [{"name": a.name, "trainer": a.trainer,
+             "options": {**bench.resolved_options(a, 0), **a.measure_options, **a.predict_options}}
             for a in suite.evaluated_arms]
     keyed = [{"name": a.name, "trainer": a.trainer, "options": a.options,
               **({"measure_options": a.measure_options} if a.measure_options else {}),
+              **({"predict_options": a.predict_options} if a.predict_options else {}),
               **({"runs": {k: suite.run_key(suite.arm(arm_reference(v)), 0) for k, v in a.options.items()
                            if arm_reference(v)}} if any(arm_reference(v) for v in a.options.values()) else {})}
              for a in suite.evaluated_arms]

@@ -34,6 +34,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("-inputs", nargs="+", default=[], metavar="NAME=FOLDER",
                    help="inference inputs the model was trained with, e.g. coarse=coarseTs anatomy=anatomyTs "
                         "(one CASE<file_ending> map per case of -i)")
+    p.add_argument("--opt", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="prediction-time trainer options (those the trainer lists with nnx_trainers, e.g. "
+                        "GRASPTrainer inference_fusion=on); the others stay as trained")
     return p
 
 
@@ -54,15 +57,16 @@ def resolve_folds(folder: str, folds, checkpoint: str, explicit: bool):
 
 def predict_folder(input_folder: str, output_folder: str, model_dir: str, folds, checkpoint: str, device,
                    step_size: float = 0.5, tta: bool = True, save_probabilities: bool = False, npp: int = 0,
-                   nps: int = 0, progress: bool = True, inputs=None, input_folders=None, cases=None) -> list:
+                   nps: int = 0, progress: bool = True, inputs=None, input_folders=None, cases=None, options=None) -> list:
     """Predict every case of ``input_folder`` into ``output_folder``; returns the list of written files.
-    ``inputs``/``input_folders``: the model's inference inputs (see :mod:`nnx.inference_inputs`)."""
+    ``inputs``/``input_folders``: the model's inference inputs (see :mod:`nnx.inference_inputs`); ``options``:
+    checked prediction-time option overrides (:func:`nnx.inference_inputs.inference_option_overrides`)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnx import inference_inputs
     predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=tta,
                                 perform_everything_on_device=device.type == "cuda", device=device,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=progress)
-    inference_inputs.initialize_predictor(predictor, model_dir, folds, checkpoint, inputs or [])
+    inference_inputs.initialize_predictor(predictor, model_dir, folds, checkpoint, inputs or [], options)
     parent = os.path.dirname(os.path.abspath(output_folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp_nnx_predict_", dir=parent)
@@ -104,6 +108,8 @@ def main(argv):
     if os.path.abspath(args.i) == os.path.abspath(args.o):
         raise NNXError("output folder must differ from the input folder", args.o)
     from nnx import inference_inputs
+    from nnx.options import parse_kv_list
+    overrides = inference_inputs.inference_option_overrides(args.tr, parse_kv_list(args.opt))
     folders = inference_inputs.parse_input_args(args.inputs)
     inputs = inference_inputs.model_inputs(folder, folds, args.chk)
     inference_inputs.check_input_folders(cases, args.i, folders, inputs, dataset_json["file_ending"])
@@ -111,11 +117,12 @@ def main(argv):
     from nnx.ext_path import ensure_ext_trainer_env
     ensure_ext_trainer_env()
     t0 = time.time()
+    opts = "".join(f", {k}={v}" for k, v in overrides.items())
     print(f"nnx_predict: {len(cases)} case(s) with {args.tr} ({dataset_name}, {args.c}, folds {folds}, "
-          f"device {device.type})")
+          f"device {device.type}{opts})")
     written = predict_folder(args.i, args.o, folder, folds, args.chk, device, args.step_size, not args.disable_tta,
                              args.save_probabilities, args.npp, args.nps, progress=not args.quiet,
-                             inputs=inputs, input_folders=folders, cases=cases)
+                             inputs=inputs, input_folders=folders, cases=cases, options=overrides)
     n = sum(1 for w in written if w.endswith(dataset_json["file_ending"]))
     print(f"nnx_predict: wrote {n} prediction(s) to {args.o} in {time.time() - t0:.1f} s")
     return 0

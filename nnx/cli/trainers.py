@@ -48,6 +48,8 @@ def main(argv):
         print(f"  memory:    activations x{mem['activation_factor']:g} + {mem['static_gb']:g} GB static{extra}")
         print(f"  inference: {'stock nnU-Net network (exportable)' if info['inference_network_is_stock'] else 'custom network (not exportable to plain nnU-Net)'}")
         print("  options:   " + ", ".join(f"{k}={_fmt_value(o['default'])}" for k, o in info["options"].items()))
+        if info.get("predict_options"):
+            print(f"  predict:   nnx_predict --opt {', '.join(info['predict_options'])} (prediction-time options)")
         print()
     return 1 if broken else 0
 

@@ -18,7 +18,10 @@ image-only network already told most of them from lesions by their local contras
   single scaled channel;
 * ``GRASP onehot``: GRASP with that one-hot input (its inference network is ``ANA in. onehot``'s). On this phantom
   the scaled channel makes the soft-tissue mimics *more* likely to be segmented than no anatomy at all (README), so
-  the one-hot pair is the fair test of "anatomy removes mimic false positives".
+  the one-hot pair is the fair test of "anatomy removes mimic false positives";
+* ``GRASP fused-inf``, ``GRASP onehot fused-inf``: the trainings of ``GRASP`` and ``GRASP onehot`` (shared, not
+  trained again), predicted with the fusion kept at inference (``predict_options: inference_fusion: on``, the
+  spec's keep-fusion-at-inference variant; the frozen organ encoder runs at test time).
 
 nnx_bench reports Dice, CC-Dice, step-time ratios to the stock trainer and predict s/case; the false-positive and
 false-negative volumes (mL, autoPET definitions), the FP volume outside organs (where the mimics are) and the
@@ -45,7 +48,7 @@ SUITE = {
                     "contrast elsewhere): nnU-Net "
                     "(image only) vs ANA in. (anatomy map as input), multi-task (anatomy decoder) and GRASP (frozen "
                     "organ-model encoder fused at the bottleneck, trained first as arm 'Organs'), and ANA in. and GRASP "
-                    "with a one-hot anatomy input; 2d, 3 seeds, 5000 steps per lesion run, 2000 for the organ model "
+                    "with a one-hot anatomy input, and both GRASP trainings predicted with the fusion kept at inference; 2d, 3 seeds, 5000 steps per lesion run, 2000 for the organ model "
                     "(CPU, ~3.2 h; 3d_fullres and longer training for a GPU run)"),
     "dataset": {**_PHANTOM, "phantom_id": 877,
                 "phantom_options": {"task": "lesion", "tiers": "expert=1.0", "pet": "channel",
@@ -69,6 +72,12 @@ SUITE = {
         {"name": "GRASP onehot", "trainer": "GRASPTrainer",
          "options": {"anatomy_model": "@arm:Organs", "anatomy_encoding": "onehot"},
          "measure_options": {"fusion_start_epoch": 0}},
+        # the same two trainings, predicted with the fusion kept (spec's keep-fusion-at-inference variant)
+        {"name": "GRASP fused-inf", "trainer": "GRASPTrainer", "options": {"anatomy_model": "@arm:Organs"},
+         "measure_options": {"fusion_start_epoch": 0}, "predict_options": {"inference_fusion": "on"}},
+        {"name": "GRASP onehot fused-inf", "trainer": "GRASPTrainer",
+         "options": {"anatomy_model": "@arm:Organs", "anatomy_encoding": "onehot"},
+         "measure_options": {"fusion_start_epoch": 0}, "predict_options": {"inference_fusion": "on"}},
     ],
     "baseline": "nnU-Net",
     "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 3},

@@ -6,8 +6,10 @@ multi-task baseline of M5 §2 / M4).
   label-safely and augments it with the image; ``nnx_predict -inputs anatomy=DIR`` feeds the test maps. Network,
   loss and schedule are stock.
 * :class:`GRASPTrainer`: ANA in. + bottleneck fusion of a frozen anatomy encoder (``Mirror``) at the deepest encoder
-  stages, switched on after ``fusion_start_fraction`` of the epochs, never at inference: the inference network is the
-  plain planned network with the anatomy input (its weights load into nnU-Net's own network).
+  stages, switched on after ``fusion_start_fraction`` of the epochs, never at inference (the thesis): the inference
+  network is the plain planned network with the anatomy input (its weights load into nnU-Net's own network). The
+  spec's keep-fusion-at-inference variant is the option ``inference_fusion=on`` (:class:`GRASPFusedNet`), at
+  training (validation, ``checkpoint_best``) or at prediction time (``nnx_predict --opt inference_fusion=on``).
 * :class:`AnatomyMultiTaskTrainer`: shared encoder, pathology and anatomy decoders, magnitude-normalised
   ``α·L_path + (1−α)·L_ana``; image-only input, the anatomy decoder never reaches inference (stock network).
 
@@ -15,7 +17,8 @@ See README.md next to this file for options, choices on the spec's ambiguities, 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -123,6 +126,37 @@ class GRASPTrainNet(nn.Module):
         return self.net.decoder(self.fusion(self.net.encoder(x), ana_skips))
 
 
+class GRASPFusedNet(nn.Module):
+    """Eval-mode forward with fusion (``inference_fusion=on``, the spec's keep-fusion-at-inference variant): the
+    pathology encoder, the fusion blocks fed by the frozen anatomy encoder on the re-normalised CT channel, the
+    pathology decoder. Same input and output as the plain network, so nnU-Net's predictor runs it unchanged."""
+
+    def __init__(self, network: nn.Module, fusion: GRASPFusion, anatomy, ct_channel: int):
+        super().__init__()
+        self.net = network
+        self.fusion = fusion
+        self.anatomy = anatomy.encoder  # frozen; its weights travel in the state dict only to load it per fold
+        self.renorm = anatomy.renorm
+        self.ct_channel = int(ct_channel)
+
+    @property
+    def decoder(self) -> nn.Module:  # nnU-Net's set_deep_supervision_enabled reaches network.decoder
+        return self.net.decoder
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.anatomy.eval()  # always eval: it is frozen
+        return self
+
+    def forward(self, x: torch.Tensor):
+        c = self.ct_channel
+        with torch.no_grad():
+            ana = self.anatomy(self.renorm(x[:, c:c + 1].float()))
+        n = self.fusion.n_stages
+        ana = [None] * (len(ana) - n) + list(ana[-n:])
+        return self.net.decoder(self.fusion(self.net.encoder(x), ana))
+
+
 class GRASPTrainer(AnatomyInputTrainer):
     nnx_summary = ("GRASP: ANA in. + fusion of a frozen anatomy encoder (Mirror: an organ model with the same plans) "
                    "at the 2 deepest encoder stages, on after 1/6 of the epochs, dropped at inference")
@@ -143,7 +177,14 @@ class GRASPTrainer(AnatomyInputTrainer):
         "se_reduction": Option(16, "reduction ratio of the SE channel attention (UNSPECIFIED; SE default 16)", int),
         "ffn_ratio": Option(2.0, "hidden width / channels of the transformer block's FFN (UNSPECIFIED; 0 = no FFN "
                                  "is not supported, use a small value)", float),
+        "inference_fusion": Option("off", "off: fusion dropped in eval mode (validation, checkpoint_best, "
+                                          "nnx_predict), as the thesis; on: kept there after the switch epoch (the "
+                                          "spec's keep-fusion-at-inference variant; prediction then needs the organ "
+                                          "model). nnx_predict --opt inference_fusion=on|off overrides it", str,
+                                   choices=("off", "on")),
     }
+    # nnx_predict --opt may change these: whether the fusion runs, and where the organ model lives now (checksummed)
+    nnx_inference_options = ("inference_fusion", "anatomy_model")
     # the frozen encoder runs under no_grad: its activations are transient (one stage at a time) and its weights are
     # not in the optimizer; the fusion blocks see only the two deepest stages (few voxels; attention over N tokens
     # costs heads*N^2 per sample, N = 4^3..8^3 for 3d_fullres), see cost.py
@@ -178,6 +219,9 @@ class GRASPTrainer(AnatomyInputTrainer):
                                                 self.configuration_name, dataset_json, o["ct_channel"], self.device)
         self.grasp_fusion: Optional[GRASPFusion] = None
         self._grasp_train_module: Optional[nn.Module] = None
+        if o["inference_fusion"] == "on" and self.is_ddp:
+            raise NNXError("inference_fusion=on is not supported with DDP training; train with one GPU, or with "
+                           "inference_fusion=off and predict with nnx_predict --opt inference_fusion=on")
 
     @property
     def grasp_start_epoch(self) -> int:
@@ -187,8 +231,29 @@ class GRASPTrainer(AnatomyInputTrainer):
         return int(np.floor(o["fusion_start_fraction"] * self.num_epochs + 0.5))
 
     def grasp_fusion_active(self) -> bool:
-        """Fusion runs in training mode from ``grasp_start_epoch`` on; never in eval mode (validation, inference)."""
-        return unwrap(self.network).training and self.current_epoch >= self.grasp_start_epoch
+        """Fusion runs in training mode from ``grasp_start_epoch`` on; in eval mode (validation, inference) only with
+        ``inference_fusion=on``."""
+        if self.current_epoch < self.grasp_start_epoch:
+            return False
+        return unwrap(self.network).training or self.nnx_opts["inference_fusion"] == "on"
+
+    @contextmanager
+    def nnx_eval_network(self):
+        """With ``inference_fusion=on`` after the switch epoch, nnU-Net's validation (and nnx_bench's inference
+        timing) runs :class:`GRASPFusedNet`; otherwise the plain network."""
+        if self.nnx_opts["inference_fusion"] != "on" or self.current_epoch < self.grasp_start_epoch:
+            yield
+            return
+        self._grasp_build()
+        plain = self.network
+        fused = GRASPFusedNet(unwrap(plain), self.grasp_fusion, self.grasp_anatomy, self.nnx_opts["ct_channel"])
+        fused.train(unwrap(plain).training)
+        self.network = fused
+        try:
+            yield
+        finally:
+            self.network = plain
+            self.grasp_fusion.train()
 
     def _grasp_build(self) -> None:
         if self.grasp_fusion is not None:
@@ -203,11 +268,12 @@ class GRASPTrainer(AnatomyInputTrainer):
         except ValueError as e:
             raise NNXError(f"GRASP fusion: {e} (options fusion_stages / heads)") from None
         n = sum(p.numel() for p in self.grasp_fusion.parameters())
+        where = "also in validation and at inference" if o["inference_fusion"] == "on" else "never at inference"
         self.print_to_log_file(
             f"GRASP: anatomy encoder from {self.grasp_anatomy.folder} (fold {self.grasp_anatomy.fold}, frozen, "
             f"stage channels {self.grasp_anatomy.channels}); fusion at the {o['fusion_stages']} deepest stages "
             f"(channels {c_path[::-1][:o['fusion_stages']]}), {o['heads']} heads, {n:,} parameters; fusion from epoch "
-            f"{self.grasp_start_epoch} of {self.num_epochs}, never at inference")
+            f"{self.grasp_start_epoch} of {self.num_epochs}, {where}")
 
     def grasp_params(self) -> List[nn.Parameter]:
         return list(unwrap(self.network).parameters()) + list(self.grasp_fusion.parameters())
@@ -271,6 +337,55 @@ class GRASPTrainer(AnatomyInputTrainer):
             raise NNXError(f"the anatomy encoder at {self.grasp_anatomy.folder} is not the one this checkpoint was "
                            f"trained with ({state.get('anatomy_model')}; weights checksum {old} vs {new})")
         self.grasp_fusion.load_state_dict(state["fusion"])
+
+    @classmethod
+    def nnx_inference_network(cls, network: nn.Module, folds: List[Dict[str, Any]], predictor
+                              ) -> Optional[Tuple[nn.Module, List[Dict[str, Any]]]]:
+        """``inference_fusion=on``: :class:`GRASPFusedNet` with each fold's network and fusion weights and the organ
+        model's frozen encoder (loaded from ``anatomy_model``, checked against the checksum stored at training)."""
+        from .mirror import encoder_checksum, load_anatomy_model
+        modes = {f["options"]["inference_fusion"] for f in folds}
+        if modes == {"off"}:
+            return None
+        if len(modes) > 1:
+            raise NNXError("the folds disagree on inference_fusion (set it for all with nnx_predict --opt "
+                           "inference_fusion=on|off)", folds[0]["dir"])
+        o = folds[0]["options"]
+        anatomy, key0, params = None, None, []
+        for f in folds:
+            ck, where = f["checkpoint"], f["dir"]
+            e = ck.get("nnx_extra") or {}
+            if "fusion" not in e:
+                raise NNXError("inference_fusion=on needs the fusion weights, but this checkpoint has none (saved "
+                               "before the fusion blocks were built)", where)
+            if int(ck.get("current_epoch", 0)) <= int(e.get("fusion_start_epoch", 0)):
+                raise NNXError(f"inference_fusion=on: the fusion was never trained (training stopped at epoch "
+                               f"{ck.get('current_epoch')}, fusion from epoch {e.get('fusion_start_epoch')})", where)
+            key = (f["options"]["anatomy_model"] or e["anatomy_model"], str(e["anatomy_fold"]),
+                   e["anatomy_checkpoint"])
+            if anatomy is None:
+                key0 = key
+                anatomy = load_anatomy_model(*key, predictor.plans_manager, predictor.configuration_manager,
+                                             ck["init_args"]["configuration"], predictor.dataset_json,
+                                             o["ct_channel"], torch.device("cpu"))
+            elif key != key0:
+                raise NNXError("inference_fusion=on: the folds were trained with different organ models; predict "
+                               "them separately", where)
+            old = e.get("anatomy_encoder_checksum")
+            if old is not None and not np.isclose(old, encoder_checksum(anatomy.encoder), rtol=1e-9, atol=1e-6):
+                raise NNXError(f"the organ model at {anatomy.folder} is not the one this checkpoint was trained with "
+                               f"({e.get('anatomy_model')})", where)
+            params.append({**{f"net.{k}": v for k, v in ck["network_weights"].items()},
+                           **{f"fusion.{k}": v for k, v in e["fusion"].items()},
+                           **{f"anatomy.{k}": v for k, v in anatomy.encoder.state_dict().items()}})
+        try:
+            fusion = GRASPFusion(list(network.encoder.output_channels), anatomy.channels, o["fusion_stages"],
+                                 len(predictor.configuration_manager.patch_size), o["heads"], o["sa_kernel"],
+                                 o["se_reduction"], o["ffn_ratio"])
+        except ValueError as e:
+            raise NNXError(f"GRASP fusion: {e}", folds[0]["dir"]) from None
+        print(f"GRASP: fusion kept at inference (inference_fusion=on), frozen anatomy encoder from {anatomy.folder}")
+        return GRASPFusedNet(network, fusion, anatomy, o["ct_channel"]).eval(), params
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -408,5 +523,5 @@ class AnatomyMultiTaskTrainer(_AnatomyMixin, nnxTrainer):
         self.mt_loss.load_state_dict(state["loss_norm"])
 
 
-__all__ = ["AUX_MAP", "AnatomyInputTrainer", "GRASPTrainer", "GRASPTrainNet", "AnatomyMultiTaskTrainer",
+__all__ = ["AUX_MAP", "AnatomyInputTrainer", "GRASPTrainer", "GRASPTrainNet", "GRASPFusedNet", "AnatomyMultiTaskTrainer",
            "MultiTaskTrainNet", "unwrap"]
