@@ -5,6 +5,10 @@ checkpoints. ``nnx_predict`` then needs one folder per input (``-inputs coarse=D
 ``CASE<file_ending>`` for every case of ``-i``. Each map is validated like the training tiers (geometry of the
 case's image, values declared), goes through the image's preprocessing geometry
 (:func:`nnx.extras.prepare_label_map`) and is appended with the encoding stored in the model (:func:`nnx.extras.onehot`), exactly as in training.
+
+A trainer may also replace the network ``nnx_predict`` runs (``nnx_inference_network``, e.g. with a fusion block fed
+by a frozen encoder) and declare options that ``nnx_predict --opt`` may change (``nnx_inference_options``); see
+:func:`initialize_predictor`.
 """
 from __future__ import annotations
 
@@ -158,7 +162,8 @@ def initialize_predictor(predictor, model_dir: str, folds, checkpoint: str, inpu
         d = os.path.join(model_dir, f"fold_{f}")
         ck = torch.load(os.path.join(d, checkpoint), map_location="cpu", weights_only=False)
         info.append({"dir": d, "checkpoint": ck, "options": fold_options(cls, d, options or {})})
-    res = hook(predictor.network, info, predictor)
+    network = getattr(predictor.network, "_orig_mod", predictor.network)  # nnUNet_compile: the plain module
+    res = hook(network, info, predictor)
     if res is not None:
         module, params = res
         module.load_state_dict(params[0])

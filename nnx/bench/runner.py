@@ -248,6 +248,7 @@ class Bench:
         options = inference_inputs.inference_option_overrides(arm.trainer, arm.predict_options)
         pred = os.path.join(rdir, "pred")
         shutil.rmtree(pred, ignore_errors=True)
+        os.makedirs(rdir, exist_ok=True)  # an arm that shares another arm's training has no run folder yet
         from nnx.ext_path import ensure_ext_trainer_env
         ensure_ext_trainer_env()  # the predictor finds the trainer class by name, as stock nnU-Net does
         import contextlib

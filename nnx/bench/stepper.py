@@ -190,5 +190,6 @@ def infer_times(trainer, n: int, device) -> list:
                 trainer.set_deep_supervision_enabled(True)
     return out
 
+
 if __name__ == "__main__":
     sys.exit(main())

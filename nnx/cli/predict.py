@@ -35,8 +35,8 @@ def build_parser() -> ArgumentParser:
                    help="inference inputs the model was trained with, e.g. coarse=coarseTs anatomy=anatomyTs "
                         "(one CASE<file_ending> map per case of -i)")
     p.add_argument("--opt", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="prediction-time trainer options (those the trainer lists with nnx_trainers, e.g. "
-                        "GRASPTrainer inference_fusion=on); the others stay as trained")
+                   help="prediction-time trainer options (nnx_trainers lists them under 'predict:'); the other "
+                        "options stay as trained")
     return p
 
 
@@ -57,7 +57,8 @@ def resolve_folds(folder: str, folds, checkpoint: str, explicit: bool):
 
 def predict_folder(input_folder: str, output_folder: str, model_dir: str, folds, checkpoint: str, device,
                    step_size: float = 0.5, tta: bool = True, save_probabilities: bool = False, npp: int = 0,
-                   nps: int = 0, progress: bool = True, inputs=None, input_folders=None, cases=None, options=None) -> list:
+                   nps: int = 0, progress: bool = True, inputs=None, input_folders=None, cases=None,
+                   options=None) -> list:
     """Predict every case of ``input_folder`` into ``output_folder``; returns the list of written files.
     ``inputs``/``input_folders``: the model's inference inputs (see :mod:`nnx.inference_inputs`); ``options``:
     checked prediction-time option overrides (:func:`nnx.inference_inputs.inference_option_overrides`)."""

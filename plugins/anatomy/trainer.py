@@ -159,7 +159,8 @@ class GRASPFusedNet(nn.Module):
 
 class GRASPTrainer(AnatomyInputTrainer):
     nnx_summary = ("GRASP: ANA in. + fusion of a frozen anatomy encoder (Mirror: an organ model with the same plans) "
-                   "at the 2 deepest encoder stages, on after 1/6 of the epochs, dropped at inference")
+                   "at the 2 deepest encoder stages, on after 1/6 of the epochs, dropped at inference (inference_fusion=on "
+                   "keeps it)")
     nnx_source = "Jaus 2025 thesis ch. 4.2 (GRASP, MLMI 2025), Fig. 25; spec shared/specs/003-jaus-thesis.md M5"
     nnx_options = {
         "anatomy_model": Option("", "results folder of the organ model (<Trainer>__<Plans>__<configuration>, trained "
@@ -523,5 +524,5 @@ class AnatomyMultiTaskTrainer(_AnatomyMixin, nnxTrainer):
         self.mt_loss.load_state_dict(state["loss_norm"])
 
 
-__all__ = ["AUX_MAP", "AnatomyInputTrainer", "GRASPTrainer", "GRASPTrainNet", "GRASPFusedNet", "AnatomyMultiTaskTrainer",
-           "MultiTaskTrainNet", "unwrap"]
+__all__ = ["AUX_MAP", "AnatomyInputTrainer", "GRASPTrainer", "GRASPTrainNet", "GRASPFusedNet",
+           "AnatomyMultiTaskTrainer", "MultiTaskTrainNet", "unwrap"]
