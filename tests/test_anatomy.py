@@ -472,6 +472,16 @@ def test_grasp_inference_fusion_on_runs_the_fused_network_in_validation_and_in_n
     assert np.allclose(p_on, p_ref, atol=1e-5)                        # the hook assembled the same network
     assert not np.allclose(p_on, p_off, atol=1e-3)                    # and it is not the plain one
 
+    other = tmp_path / "moved" / os.path.basename(t.grasp_anatomy.folder)  # a moved organ model is accepted ...
+    shutil.copytree(t.grasp_anatomy.folder, other)
+    assert np.allclose(predict("moved", {**on, "anatomy_model": str(other)}), p_on, atol=1e-6)
+    ck_other = other / "fold_0" / "checkpoint_final.pth"                  # ... another one is refused
+    w = torch.load(ck_other, weights_only=False)
+    k = next(k for k in w["network_weights"] if k.startswith("encoder."))
+    w["network_weights"][k].add_(1.0)                  # in place: the state dict holds aliases of the same tensor
+    torch.save(w, ck_other)
+    with pytest.raises(NNXError, match="not the one this checkpoint was trained with"):
+        predict("other", {**on, "anatomy_model": str(other)})
     with pytest.raises(NNXError, match="cannot be changed at prediction time"):
         inference_inputs.inference_option_overrides("GRASPTrainer", {"heads": "4"})
     with pytest.raises(NNXError, match="must be one of"):

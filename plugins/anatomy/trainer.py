@@ -317,7 +317,7 @@ class GRASPTrainer(AnatomyInputTrainer):
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        deltas = [round(float(b.delta), 4) for b in self.grasp_fusion.blocks]
+        deltas = [round(float(b.delta.detach()), 4) for b in self.grasp_fusion.blocks]
         state = "on" if self.current_epoch >= self.grasp_start_epoch else "off"
         self.print_to_log_file(f"GRASP: fusion {state}, delta per fused stage (deepest first) {deltas}")
 
