@@ -174,13 +174,22 @@ def random_anatomy_model(plans_manager, configuration_manager, ct_channel: int, 
     return AnatomyModel(RANDOM, "-", "-", enc, ident, list(enc.output_channels), encoder_checksum(enc))
 
 
-def anatomy_features(model: AnatomyModel, data: torch.Tensor, ct_channel: int) -> list:
-    """E_ana's stage outputs for the CT channel of ``data`` (no gradients, eval mode)."""
+def anatomy_features(model: AnatomyModel, data: torch.Tensor, ct_channel: int, keep: int = 0) -> list:
+    """E_ana's stage outputs for the CT channel of ``data`` (no gradients, eval mode). ``keep`` > 0: only the
+    ``keep`` deepest stages are kept (the others are ``None``), so the shallow stages' activations are freed at
+    once."""
     model.encoder.eval()
     with torch.no_grad():
         x = model.renorm(data[:, ct_channel:ct_channel + 1].float())
-        return model.encoder(x)
+        out = model.encoder(x)
+    return out if keep <= 0 else [None] * (len(out) - keep) + list(out[-keep:])
+
+
+def same_encoder(stored_checksum, model: AnatomyModel) -> bool:
+    """Whether ``model``'s encoder is the one whose checksum a checkpoint stored (no stored checksum: yes)."""
+    return stored_checksum is None or bool(np.isclose(stored_checksum, model.checksum, rtol=1e-9, atol=1e-6))
 
 
 __all__ = ["RANDOM", "random_anatomy_model", "CTRenorm", "AnatomyModel", "load_anatomy_model", "anatomy_features",
+           "same_encoder",
            "encoder_checksum"]

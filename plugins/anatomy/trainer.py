@@ -136,7 +136,7 @@ class GRASPFusedNet(nn.Module):
         self.net = network
         self.fusion = fusion
         self.anatomy = anatomy.encoder  # frozen; its weights travel in the state dict only to load it per fold
-        self.renorm = anatomy.renorm
+        self.anatomy_model = anatomy    # the same encoder with its CT re-normalisation
         self.ct_channel = int(ct_channel)
 
     @property
@@ -149,11 +149,8 @@ class GRASPFusedNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor):
-        c = self.ct_channel
-        with torch.no_grad():
-            ana = self.anatomy(self.renorm(x[:, c:c + 1].float()))
-        n = self.fusion.n_stages
-        ana = [None] * (len(ana) - n) + list(ana[-n:])
+        from .mirror import anatomy_features
+        ana = anatomy_features(self.anatomy_model, x, self.ct_channel, keep=self.fusion.n_stages)
         return self.net.decoder(self.fusion(self.net.encoder(x), ana))
 
 
@@ -231,18 +228,22 @@ class GRASPTrainer(AnatomyInputTrainer):
             return int(o["fusion_start_epoch"])
         return int(np.floor(o["fusion_start_fraction"] * self.num_epochs + 0.5))
 
+    def grasp_fused_in_eval(self) -> bool:
+        """Eval mode (validation, inference) is fused: ``inference_fusion=on`` and the switch epoch reached."""
+        return self.nnx_opts["inference_fusion"] == "on" and self.current_epoch >= self.grasp_start_epoch
+
     def grasp_fusion_active(self) -> bool:
         """Fusion runs in training mode from ``grasp_start_epoch`` on; in eval mode (validation, inference) only with
         ``inference_fusion=on``."""
-        if self.current_epoch < self.grasp_start_epoch:
-            return False
-        return unwrap(self.network).training or self.nnx_opts["inference_fusion"] == "on"
+        if unwrap(self.network).training:
+            return self.current_epoch >= self.grasp_start_epoch
+        return self.grasp_fused_in_eval()
 
     @contextmanager
     def nnx_eval_network(self):
         """With ``inference_fusion=on`` after the switch epoch, nnU-Net's validation (and nnx_bench's inference
         timing) runs :class:`GRASPFusedNet`; otherwise the plain network."""
-        if self.nnx_opts["inference_fusion"] != "on" or self.current_epoch < self.grasp_start_epoch:
+        if not self.grasp_fused_in_eval():
             yield
             return
         self._grasp_build()
@@ -300,9 +301,8 @@ class GRASPTrainer(AnatomyInputTrainer):
             from .mirror import anatomy_features
             # E_ana runs before the pathology forward, so its transient activations are freed before the peak; only
             # the fused (deepest) stages are kept
-            ana = anatomy_features(self.grasp_anatomy, data, self.nnx_opts["ct_channel"])
-            n = self.grasp_fusion.n_stages
-            ana = [None] * (len(ana) - n) + list(ana[-n:])
+            ana = anatomy_features(self.grasp_anatomy, data, self.nnx_opts["ct_channel"],
+                                   keep=self.grasp_fusion.n_stages)
             return self._grasp_train_module(data, ana)
         return self._grasp_train_module(data)
 
@@ -333,8 +333,9 @@ class GRASPTrainer(AnatomyInputTrainer):
     def nnx_load_extra_state(self, state: Dict[str, Any]) -> None:
         if "fusion" not in state:
             return
+        from .mirror import same_encoder
         old, new = state.get("anatomy_encoder_checksum"), self.grasp_anatomy.checksum
-        if old is not None and not np.isclose(old, new, rtol=1e-9, atol=1e-6):
+        if not same_encoder(old, self.grasp_anatomy):
             raise NNXError(f"the anatomy encoder at {self.grasp_anatomy.folder} is not the one this checkpoint was "
                            f"trained with ({state.get('anatomy_model')}; weights checksum {old} vs {new})")
         self.grasp_fusion.load_state_dict(state["fusion"])
@@ -344,7 +345,7 @@ class GRASPTrainer(AnatomyInputTrainer):
                               ) -> Optional[Tuple[nn.Module, List[Dict[str, Any]]]]:
         """``inference_fusion=on``: :class:`GRASPFusedNet` with each fold's network and fusion weights and the organ
         model's frozen encoder (loaded from ``anatomy_model``, checked against the checksum stored at training)."""
-        from .mirror import encoder_checksum, load_anatomy_model
+        from .mirror import load_anatomy_model, same_encoder
         modes = {f["options"]["inference_fusion"] for f in folds}
         if modes == {"off"}:
             return None
@@ -372,8 +373,7 @@ class GRASPTrainer(AnatomyInputTrainer):
             elif key != key0:
                 raise NNXError("inference_fusion=on: the folds were trained with different organ models; predict "
                                "them separately", where)
-            old = e.get("anatomy_encoder_checksum")
-            if old is not None and not np.isclose(old, encoder_checksum(anatomy.encoder), rtol=1e-9, atol=1e-6):
+            if not same_encoder(e.get("anatomy_encoder_checksum"), anatomy):
                 raise NNXError(f"the organ model at {anatomy.folder} is not the one this checkpoint was trained with "
                                f"({e.get('anatomy_model')})", where)
             params.append({**{f"net.{k}": v for k, v in ck["network_weights"].items()},
