@@ -98,6 +98,21 @@ def test_scaled_and_grouped_encodings_give_the_promised_values():
             parse_groups(bad, ORGANS)
 
 
+def test_scaled_offset_moves_every_organ_code_away_from_background():
+    seg = np.array([[[0, 1, 2], [3, 4, 5]]], dtype=np.int16)
+    off = onehot(seg, channel_definitions(parse_groups("", ORGANS), "scaled", offset=0.5))
+    assert np.allclose(off[0], [[0, 0.6, 0.7], [0.8, 0.9, 1.0]])     # 0.5 + 0.5 * id / 5, background 0
+    g = parse_groups("liver+kidney/spleen", ORGANS)
+    og = onehot(seg, channel_definitions(g, "scaled", scale_by_value=False, offset=0.5))
+    assert np.allclose(og[0], [[0, 0.75, 1.0], [0.75, 0, 0]])        # 0.5 + 0.5 * group / 2
+    assert channel_definitions(g, "scaled", offset=0.0) == channel_definitions(g, "scaled")  # 0 = thesis' id / C
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            channel_definitions(g, "scaled", offset=bad)
+    with pytest.raises(ValueError, match="scaled encoding only"):
+        channel_definitions(g, "onehot", offset=0.5)
+
+
 # ----------------------------------------------------------------------------------------------- multi-task loss
 def test_multitask_loss_matches_hand_computed_running_normalisation():
     m = MagnitudeNormalizedSum(alpha=0.8, norm="running", momentum=0.9)
@@ -488,6 +503,16 @@ def test_grasp_inference_fusion_on_runs_the_fused_network_in_validation_and_in_n
         inference_inputs.inference_option_overrides("GRASPTrainer", {"inference_fusion": "maybe"})
     with pytest.raises(NNXError, match="takes no prediction-time options"):
         inference_inputs.inference_option_overrides("AnatomyInputTrainer", {"inference_fusion": "on"})
+
+
+def test_anatomy_offset_option_reaches_the_input_encoding_and_bad_values_are_refused(tiny_planned):
+    t = _trainer(tiny_planned, "AnatomyInputTrainer", "anatomy_offset=0.5")
+    assert t.nnx_input_encoding("anatomy", [0, 1, 2, 3, 4, 5]) == [[[1, 0.6], [2, 0.7], [3, 0.8], [4, 0.9], [5, 1.0]]]
+    for opts, msg in (("anatomy_offset=1", r"must be in \[0, 1\)"), ("anatomy_offset=-0.2", r"must be in \[0, 1\)"),
+                      ("anatomy_encoding=onehot anatomy_offset=0.5", "scaled only"),
+                      ("anatomy_offset=half", "expects float")):
+        with pytest.raises(NNXError, match=msg):
+            _trainer(tiny_planned, "AnatomyInputTrainer", opts)
 
 
 def test_bad_organ_model_folders_give_one_line_errors(tiny_planned, organ_model, tmp_path, capsys, monkeypatch):

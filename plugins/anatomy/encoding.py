@@ -15,7 +15,8 @@ A scaled channel puts the classes on one line, so which code each class gets mat
 with liver (a lesion organ) at 0.2 next to background's 0, lesion mimics in soft tissue (code 0) were segmented
 about twice as often as with no anatomy input (48 % vs 26 %). With the same five classes in reverse order
 (``anatomy_groups=spine/bladder/spleen/kidney/liver``: liver 1.0, kidney 0.8) they were hit in 14 %. The plugin's
-README has the numbers. So with ``scaled``, give the organs that carry the pathology codes far from 0. ``onehot``
+README has the numbers. So with ``scaled``, give the organs that carry the pathology codes far from 0, or move every
+organ away from background with ``offset`` (option ``anatomy_offset``: code ``offset + (1 - offset) * s``). ``onehot``
 has no order.
 
 The encodings are lists of channel definitions for :func:`nnx.extras.onehot` (an int = one-hot of that value,
@@ -62,22 +63,30 @@ def parse_groups(text: str, labels: Mapping[str, int], source: str = "anatomy_gr
     return groups
 
 
-def channel_definitions(groups: Sequence[Sequence[int]], encoding: str, scale_by_value: bool = True) -> List:
+def channel_definitions(groups: Sequence[Sequence[int]], encoding: str, scale_by_value: bool = True,
+                        offset: float = 0.0) -> List:
     """Channel definitions for :func:`nnx.extras.onehot`.
 
-    ``scaled``: one channel; ungrouped (every group a single value, ``scale_by_value``) -> ``value / max value``,
-    grouped -> ``group index / number of groups``. ``onehot``: one channel per group (an int for a single value)."""
+    ``scaled``: one channel; ungrouped (every group a single value, ``scale_by_value``) -> ``s = value / max value``,
+    grouped -> ``s = group index / number of groups``; the code is ``offset + (1 - offset) * s`` (background stays 0),
+    so with ``offset`` > 0 every organ is at least ``offset`` away from background. ``onehot``: one channel per group
+    (an int for a single value); ``offset`` must be 0."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown anatomy encoding {encoding!r} (encodings: {', '.join(ENCODINGS)})")
     if not groups:
         raise ValueError("no anatomy classes to encode")
+    if not 0.0 <= offset < 1.0:
+        raise ValueError(f"the scaled code offset must be in [0, 1), got {offset}")
     if encoding == "onehot":
+        if offset:
+            raise ValueError("an offset applies to the scaled encoding only")
         return [g[0] if len(g) == 1 else [[v, 1.0] for v in g] for g in groups]
+    code = lambda s: offset + (1.0 - offset) * s  # noqa: E731
     if scale_by_value and all(len(g) == 1 for g in groups):
         top = max(g[0] for g in groups)
-        return [[[g[0], g[0] / top] for g in groups]]
+        return [[[g[0], code(g[0] / top)] for g in groups]]
     n = len(groups)
-    return [[[v, (i + 1) / n] for i, g in enumerate(groups) for v in g]]
+    return [[[v, code((i + 1) / n)] for i, g in enumerate(groups) for v in g]]
 
 
 def class_lut(groups: Sequence[Sequence[int]]) -> Dict[int, int]:

@@ -62,6 +62,9 @@ _ANATOMY_OPTIONS = {
     "anatomy_groups": Option("", "group anatomy classes, e.g. liver+kidney/spleen/bladder+spine (groups separated "
                                  "by '/', members by '+', names or values; classes in no group are dropped); empty = "
                                  "every anatomy label is its own class", str),
+    "anatomy_offset": Option(0.0, "scaled encoding only: organ codes offset + (1 - offset) * class/C, background 0; "
+                                  "0 = the thesis' class/C, e.g. 0.5 puts every organ at >= 0.5 away from "
+                                  "background", float),
 }
 
 
@@ -104,12 +107,18 @@ class AnatomyInputTrainer(_AnatomyMixin, nnxTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.anatomy_groups()  # one-line errors for a missing anatomy map / bad groups, before any training
+        off, enc = self.nnx_opts["anatomy_offset"], self.nnx_opts["anatomy_encoding"]
+        if not 0.0 <= off < 1.0:
+            raise NNXError(f"option 'anatomy_offset' must be in [0, 1), got {off}")
+        if off and enc != "scaled":
+            raise NNXError(f"option 'anatomy_offset' applies to anatomy_encoding=scaled only (got {enc})")
 
     def nnx_input_encoding(self, name: str, values: List[int]) -> List:
         if name != AUX_MAP:
             return super().nnx_input_encoding(name, values)
         return channel_definitions(self.anatomy_groups(), self.nnx_opts["anatomy_encoding"],
-                                   scale_by_value=not self.nnx_opts["anatomy_groups"].strip())
+                                   scale_by_value=not self.nnx_opts["anatomy_groups"].strip(),
+                                   offset=self.nnx_opts["anatomy_offset"])
 
 # ----------------------------------------------------------------------------------------------------------------------
 class GRASPTrainNet(nn.Module):
