@@ -58,6 +58,51 @@ def test_speed_ratio_is_the_median_of_per_round_ratios():
     assert grouped["late"]["speed_ratio"] == pytest.approx(2.0)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_other_load_sees_a_busy_neighbour_but_not_its_own_work():
+    from nnx.bench.cpu_load import OtherLoad
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    p = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)                                  # the neighbour is running
+        with OtherLoad() as busy:
+            time.sleep(1.5)
+    finally:
+        p.wait()
+    assert busy.cpus >= 1 and busy.cores is not None
+    assert busy.cores >= 0.6                             # one core spinning beside a sleeping measurement
+
+
+def test_other_load_subtracts_its_own_cpu_time(monkeypatch):
+    from nnx.bench import cpu_load
+    clock = {"busy": iter([100.0, 103.0]), "own": iter([5.0, 7.0, 7.0, 7.0]), "wall": iter([50.0, 52.0, 52.0, 53.0])}
+    monkeypatch.setattr(cpu_load, "_busy_seconds", lambda: next(clock["busy"]))
+    monkeypatch.setattr(cpu_load, "_own_cpu", lambda: next(clock["own"]))
+    monkeypatch.setattr(cpu_load, "_wall", lambda: next(clock["wall"]))
+    with cpu_load.OtherLoad() as load:
+        pass
+    assert load.cores == pytest.approx(0.5)             # (3 s busy - 2 s own) / 2 s wall
+    monkeypatch.setattr(cpu_load, "_busy_seconds", lambda: None)  # no /proc/stat: no figure, no warning
+    with cpu_load.OtherLoad() as load:
+        pass
+    assert load.cores is None
+
+
+def test_busy_warning_names_the_arms_timed_beside_other_jobs():
+    from nnx.bench import stats
+    from nnx.bench.cpu_load import busy_warning
+    m = {"round_iter_s": [1.0], "iter_s": [1.0]}
+    table = stats.speed_memory_table({
+        "stock": {"trainer": "nnUNetTrainer", **m, "other_cores": [0.0, 0.1], "cpus": 2},
+        "busy": {"trainer": "X", **m, "other_cores": [0.9, 1.1], "cpus": 2},
+        "wide": {"trainer": "Y", **m, "other_cores": [1.0, 1.0], "cpus": 16},   # 1 of 16 cores: below 25 %
+        "old": {"trainer": "Z", **m}}, "stock")                                  # measured before: no figure
+    assert table["busy"]["other_cores"] == pytest.approx(1.0) and table["old"]["other_cores"] is None
+    warn = busy_warning(table)
+    assert "busy 1.0" in warn and "stock" not in warn and "wide" not in warn and "old" not in warn
+    assert busy_warning({"stock": table["stock"], "old": table["old"]}) is None
+
+
 # -- suites --------------------------------------------------------------------------------------------------------
 
 
@@ -188,6 +233,8 @@ def test_bench_runs_resumes_after_a_kill_and_reports(tiny_planned, tmp_path):
     sm = res["speed_memory"]
     assert sm["nnUNetTrainer"]["speed_ratio"] == 1.0 and sm["nnUNetTrainer"]["memory_ratio"] == 1.0
     assert sm["low lr"]["speed_ratio"] > 0 and sm["low lr"]["peak_gb"] > 0 and sm["low lr"]["infer_s_per_patch"] > 0
+    if os.path.exists("/proc/stat"):  # the workers report how busy the other processes kept the CPUs
+        assert all(r["other_cores"] is not None and r["other_cores"] >= 0 and r["cpus"] >= 1 for r in sm.values())
     assert res["predict"]["nnUNetTrainer"]["ratio"] == 1.0
     for png in ("accuracy.png", "overhead.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

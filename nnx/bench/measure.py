@@ -108,8 +108,8 @@ def measure_arms(arms: List[Dict[str, Any]], common: Dict[str, Any], work_dir: s
                     r["group"] = k + 1
                 out.update(res)
                 agg = out.setdefault(stock, {**s_res, "iter_s": [], "data_s": [], "step_s": [], "round_iter_s": [],
-                                             "infer_s": [], "group": "all"})
-                for key in ("iter_s", "data_s", "step_s", "round_iter_s", "infer_s"):
+                                             "infer_s": [], "other_cores": [], "group": "all"})
+                for key in ("iter_s", "data_s", "step_s", "round_iter_s", "infer_s", "other_cores"):
                     agg[key] += s_res.get(key, [])
                 peaks = [x for x in (agg.get("peak_gb"), s_res.get("peak_gb")) if x is not None]
                 agg["peak_gb"] = max(peaks) if peaks else None
@@ -150,6 +150,9 @@ def _measure_set(arms, common, work_dir, env, steps, rounds, infer, mode, tick, 
         o["step_s"] += res["step_s"]
         o["iter_s"] += iters
         o["round_iter_s"].append(sum(iters) / len(iters))
+        if res.get("other_cores") is not None:
+            o.setdefault("other_cores", []).append(res["other_cores"])
+            o["cpus"] = res.get("cpus")
         return True
 
     def finish(a, w):

@@ -84,6 +84,9 @@ def speed_memory_table(measured: Dict[str, Dict], stock: str) -> Dict[str, Dict]
                 "batch_size": m.get("batch_size"),
                 "patch_size": m.get("patch_size"),
                 "memory_method": m.get("memory_method"),
+                # cores other processes kept busy during this arm's timed rounds (mean; nnx.bench.cpu_load)
+                "other_cores": (sum(m["other_cores"]) / len(m["other_cores"])) if m.get("other_cores") else None,
+                "cpus": m.get("cpus"),
             })
             row["inference_ratio"] = ratio(row["infer_s_per_patch"], median(s.get("infer_s", [])))
             row["memory_ratio"] = ratio(row["peak_gb"], s.get("peak_gb"))

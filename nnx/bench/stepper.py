@@ -7,7 +7,8 @@ The worker builds the trainer exactly as nnU-Net's training does (``on_train_sta
 splits), runs ``warmup`` training steps (optimizer state, allocator, cudnn plans), answers ``ready`` and then reads
 one JSON command per line on stdin:
 
-``{"cmd": "steps", "n": N}``  N training iterations (next batch + ``train_step``), timed one by one
+``{"cmd": "steps", "n": N}``  N training iterations (next batch + ``train_step``), timed one by one; the reply also
+                              says how many cores other processes kept busy meanwhile (``nnx.bench.cpu_load``)
 ``{"cmd": "infer", "n": N}``  N forward passes of the network in eval mode on one patch (batch 1, no grad), timed
 ``{"cmd": "memory"}``         the peak memory of this process so far (see below)
 ``{"cmd": "quit"}``
@@ -25,6 +26,7 @@ import os
 import sys
 import time
 
+from nnx.bench.cpu_load import OtherLoad
 from nnx.memory_probe import _reset_peak_rss, _status_kb
 
 
@@ -126,16 +128,17 @@ def main(argv=None) -> int:
         try:
             if cmd["cmd"] == "steps":
                 data_s, step_s = [], []
-                for _ in range(int(cmd["n"])):
-                    a = time.perf_counter()
-                    batch = next(trainer.dataloader_train)
-                    b = time.perf_counter()
-                    trainer.train_step(batch)  # returns the loss on the CPU: synchronised
-                    _sync(device)
-                    c = time.perf_counter()
-                    data_s.append(b - a)
-                    step_s.append(c - b)
-                reply({"data_s": data_s, "step_s": step_s})
+                with OtherLoad() as load:
+                    for _ in range(int(cmd["n"])):
+                        a = time.perf_counter()
+                        batch = next(trainer.dataloader_train)
+                        b = time.perf_counter()
+                        trainer.train_step(batch)  # returns the loss on the CPU: synchronised
+                        _sync(device)
+                        c = time.perf_counter()
+                        data_s.append(b - a)
+                        step_s.append(c - b)
+                reply({"data_s": data_s, "step_s": step_s, "other_cores": load.cores, "cpus": load.cpus})
             elif cmd["cmd"] == "infer":
                 reply({"infer_s": infer_times(trainer, int(cmd["n"]), device)})
             elif cmd["cmd"] == "memory":

@@ -216,6 +216,12 @@ def run(suite, out: str, device: str) -> int:
            + (f" At most {m['group']} worker processes at once, the stock trainer in every group; each arm's "
               f"ratio is to the stock rounds of its own group." if m["group"] > 1 else ""), "",
            report.speed_markdown(table, stock, m["mode"], predict_rows)]
+    from nnx.bench.cpu_load import busy_warning
+    busy = busy_warning(table)
+    if busy:
+        result["speed_warning"] = busy
+        md += ["", f"**Warning:** {busy}."]
+        print(f"nnx_bench: warning: {busy}", file=sys.stderr)
     report.plot_overhead(os.path.join(out, "overhead.png"), table, stock)
     atomic_write_json(result, os.path.join(out, "results.json"))
     text = "\n".join(md) + "\n"
