@@ -258,6 +258,32 @@ def test_suite_arm_on_its_own_dataset_and_arm_references():
         load_suite(bad)
 
 
+def test_order_suite_puts_the_lesion_organs_where_its_arm_names_say_and_shares_the_anatomy_runs():
+    from nnx.bench.suite import load_suite
+    from nnx.synth.dataset import anatomy_labels
+    from nnx.synth.phantom import LESION_ORGANS
+    from nnx_plugins.anatomy.bench import ORDER_SUITE, SUITE
+    labels = anatomy_labels()
+    lesion = {labels[o] for o in LESION_ORGANS}
+
+    def codes(arm):
+        o = arm.options
+        groups = parse_groups(o.get("anatomy_groups", ""), labels)
+        (defs,) = channel_definitions(groups, "scaled", scale_by_value=not o.get("anatomy_groups"),
+                                      offset=float(o.get("anatomy_offset", 0)))
+        return dict(defs)
+
+    s, full = load_suite(copy.deepcopy(ORDER_SUITE)), load_suite(copy.deepcopy(SUITE))
+    for name, want in (("ANA in. liver-high", "top"), ("GRASP liver-high", "top"), ("ANA in. lesion-low", "bottom")):
+        c = codes(s.arm(name))
+        ranked = sorted(c, key=c.get, reverse=want == "top")
+        assert set(ranked[:len(lesion)]) == lesion                  # the lesion organs take the top / lowest codes
+    off = codes(s.arm("ANA in. offset"))
+    assert min(off.values()) == pytest.approx(0.6) and off[labels["liver"]] == pytest.approx(0.6)
+    for name in ("Organs", "nnU-Net", "ANA in."):                     # same runs as the anatomy suite's: reused
+        assert s.run_key(s.arm(name), 1) == full.run_key(full.arm(name), 1)
+
+
 # ----------------------------------------------------------------------------------------------- trainers on a phantom
 @pytest.fixture(scope="module")
 def organ_model(tiny_planned, tmp_path_factory):

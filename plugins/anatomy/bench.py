@@ -82,3 +82,29 @@ SUITE = {
     "baseline": "nnU-Net",
     "measure": {"steps": 2, "rounds": 3, "warmup": 1, "infer": 3},
 }
+
+
+# -- where the lesion organs sit on the scaled channel's code line (README, "code order") -------------------------
+# The phantom's anatomy labels: liver 1, spleen 2, kidney 3, bladder 4, spine 5; lesions only in liver and kidney.
+# Codes with the default (no groups): liver 0.2, spleen 0.4, kidney 0.6, bladder 0.8, spine 1.0.
+LIVER_HIGH = "spine/bladder/spleen/kidney/liver"   # liver 1.0, kidney 0.8, spleen 0.6, bladder 0.4, spine 0.2
+LESION_LOW = "liver/kidney/spleen/bladder/spine"   # liver 0.2, kidney 0.4, spleen 0.6, bladder 0.8, spine 1.0
+
+ORDER_SUITE = {
+    **{k: v for k, v in SUITE.items() if k not in ("name", "description", "arms")},
+    "name": "anatomy_order",
+    "description": ("the anatomy suite's data and settings; the thesis' single scaled anatomy channel with the organs "
+                    "in four places on the code line (default id/C, every organ offset from background, lesion organs "
+                    "lowest, lesion organs highest) and GRASP with the lesion organs highest, vs nnU-Net (image only); "
+                    "2d, 3 seeds, 5000 steps (CPU, ~2.5 h; --out of an 'anatomy' run reuses its Organs, nnU-Net and "
+                    "ANA in. trainings)"),
+    "arms": [
+        *[a for a in SUITE["arms"] if a["name"] in ("Organs", "nnU-Net", "ANA in.")],
+        {"name": "ANA in. offset", "trainer": "AnatomyInputTrainer", "options": {"anatomy_offset": "0.5"}},
+        {"name": "ANA in. lesion-low", "trainer": "AnatomyInputTrainer", "options": {"anatomy_groups": LESION_LOW}},
+        {"name": "ANA in. liver-high", "trainer": "AnatomyInputTrainer", "options": {"anatomy_groups": LIVER_HIGH}},
+        {"name": "GRASP liver-high", "trainer": "GRASPTrainer",
+         "options": {"anatomy_model": "@arm:Organs", "anatomy_groups": LIVER_HIGH},
+         "measure_options": {"fusion_start_epoch": 0}},
+    ],
+}
