@@ -59,18 +59,27 @@ def test_speed_ratio_is_the_median_of_per_round_ratios():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
-def test_other_load_sees_a_busy_neighbour_but_not_its_own_work():
-    from nnx.bench.cpu_load import OtherLoad
-    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
-    p = subprocess.Popen([sys.executable, "-c", spin])
-    try:
-        time.sleep(0.5)                                  # the neighbour is running
-        with OtherLoad() as busy:
-            time.sleep(1.5)
-    finally:
-        p.wait()
+def test_other_load_sees_a_busy_neighbour_but_not_its_own_children(tmp_path):
+    from nnx.bench import cpu_load
+    spin = tmp_path / "spin.py"
+    spin.write_text("import time\nt = time.time()\nwhile time.time() - t < 2.5: pass\n")
+    # a neighbour that is not this process's descendant: started by a shell that exits at once
+    subprocess.run(["sh", "-c", f"'{sys.executable}' '{spin}' >/dev/null 2>&1 &"], check=True)
+    time.sleep(0.3)
+    with cpu_load.OtherLoad() as busy:
+        time.sleep(1.5)
     assert busy.cpus >= 1 and busy.cores is not None
     assert busy.cores >= 0.6                             # one core spinning beside a sleeping measurement
+    time.sleep(1.0)                                      # the neighbour has ended
+    child = subprocess.Popen([sys.executable, str(spin)])  # this process's own child (e.g. an augmentation worker)
+    try:
+        time.sleep(0.3)
+        own0, t0 = cpu_load._own_cpu(), time.perf_counter()
+        time.sleep(1.5)
+        own = (cpu_load._own_cpu() - own0) / (time.perf_counter() - t0)
+    finally:
+        child.wait()
+    assert own >= 0.3                                    # the child's CPU counts as this process's own, not other
 
 
 def test_other_load_subtracts_its_own_cpu_time(monkeypatch):

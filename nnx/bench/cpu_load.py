@@ -3,7 +3,7 @@
 Speed ratios are measured in one run because these machines are noisy; a ratio is still wrong when another job
 takes cores during some arms' rounds and not others'. A measurement worker wraps its timed steps in
 :class:`OtherLoad`: from ``/proc/stat`` (the CPUs this process may run on, ``os.sched_getaffinity``) it takes the
-busy time of those CPUs, subtracts its own CPU time, and divides by the wall time -- the average number of cores
+busy time of those CPUs, subtracts its own CPU time (and its child processes', e.g. augmentation workers), and divides by the wall time -- the average number of cores
 other processes kept busy. ``None`` where ``/proc/stat`` is not readable. (In a container whose ``/proc/stat``
 shows the host's CPUs without an affinity mask the figure includes the host's other jobs: it can only warn too
 often, never hide contention.)
@@ -34,7 +34,36 @@ def _busy_seconds() -> Optional[float]:
         return None
 
 
-_own_cpu = time.process_time  # this process's CPU time, all threads
+def _descendants_cpu(pid: int) -> float:
+    """CPU seconds of the live descendants of ``pid`` (e.g. nnU-Net's augmentation workers), from /proc; 0 where
+    /proc does not list children."""
+    tick, total, todo = os.sysconf("SC_CLK_TCK"), 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = []
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            continue
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, ValueError, IndexError):
+                continue
+            todo.append(k)
+    return total
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process (all threads) and its child processes, live or ended: not 'other' load."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system + _descendants_cpu(os.getpid())
+
+
 _wall = time.perf_counter
 
 
