@@ -92,8 +92,12 @@ def test_scaled_and_grouped_encodings_give_the_promised_values():
     assert oh == [[[1, 1.0], [3, 1.0]], 2] and input_label_values(oh) == [1, 2, 3]
     assert np.array_equal(onehot(seg, oh), [[[0, 1, 0], [1, 0, 0]], [[0, 0, 1], [0, 0, 0]]])
     assert np.array_equal(onehot(seg, [1, 2]), [(seg[0] == 1), (seg[0] == 2)])  # plain one-hot unchanged
+    assert parse_groups("*/kidney/liver", ORGANS) == [[2], [4], [5], [3], [1]]  # the rest first, lesion organs last
+    assert parse_groups("liver+kidney/*", ORGANS) == [[1, 3], [2], [4], [5]]
+    top = dict(channel_definitions(parse_groups("*/kidney/liver", ORGANS), "scaled", scale_by_value=False)[0])
+    assert top[1] == 1.0 and top[3] == pytest.approx(0.8) and max(top[v] for v in (2, 4, 5)) == pytest.approx(0.6)
     for bad, msg in (("liver+liver", "groups 1 and 1"), ("liver/", "empty"), ("lung", "not an anatomy label"),
-                     ("background", "not a foreground")):
+                     ("background", "not a foreground"), ("*/liver/*", "may appear once")):
         with pytest.raises(NNXError, match=msg):
             parse_groups(bad, ORGANS)
 

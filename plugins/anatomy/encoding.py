@@ -10,6 +10,9 @@ spec's proposal (M5 §7 (a)): IDs scaled to [0, 1], ``id / C_ana``. Here:
 Grouping (option ``anatomy_groups``, e.g. ``liver+kidney/spleen/bladder+spine``): groups separated by ``/``, members
 by ``+``, by label name or value; group ``g`` is the g-th group. Classes in no group become background (they are
 dropped), so a grouping can also keep only the organs that matter. Empty = every foreground label is its own class.
+A group ``*`` stands for every class not named elsewhere, each its own group in label order, at that place: with
+TotalSegmentator's 117 classes ``*/kidney_left+kidney_right/liver`` keeps them all and gives the lesion organs the
+highest codes.
 
 A scaled channel puts the classes on one line, so which code each class gets matters. On the anatomy phantom,
 with liver (a lesion organ) at 0.2 next to background's 0, lesion mimics in soft tissue (code 0) were segmented
@@ -38,9 +41,16 @@ def parse_groups(text: str, labels: Mapping[str, int], source: str = "anatomy_gr
     fg = {int(v) for k, v in labels.items() if k not in ("background", "ignore") and int(v) != 0}
     if not text or not text.strip():
         return [[v] for v in sorted(fg)]
+    parts = text.split("/")
+    if sum(p.strip() == "*" for p in parts) > 1:
+        raise NNXError(f"option 'anatomy_groups': '*' (every class not named) may appear once, in '{text}'", source)
     groups: List[List[int]] = []
     seen: Dict[int, int] = {}
-    for gi, part in enumerate(text.split("/")):
+    star = None
+    for gi, part in enumerate(parts):
+        if part.strip() == "*":
+            star = len(groups)
+            continue
         members = [m.strip() for m in part.split("+") if m.strip()]
         if not members:
             raise NNXError(f"option 'anatomy_groups': group {gi + 1} of '{text}' is empty", source)
@@ -60,6 +70,8 @@ def parse_groups(text: str, labels: Mapping[str, int], source: str = "anatomy_gr
             seen[v] = gi
             vals.append(v)
         groups.append(sorted(vals))
+    if star is not None:  # every class not named elsewhere, one group each in label order, at the '*'
+        groups[star:star] = [[v] for v in sorted(fg - set(seen))]
     return groups
 
 
