@@ -18,9 +18,10 @@ A scaled channel puts the classes on one line, so which code each class gets mat
 with liver (a lesion organ) at 0.2 next to background's 0, lesion mimics in soft tissue (code 0) were segmented
 about twice as often as with no anatomy input (48 % vs 26 %). With the same five classes in reverse order
 (``anatomy_groups=spine/bladder/spleen/kidney/liver``: liver 1.0, kidney 0.8) they were hit in 14 %. The plugin's
-README has the numbers. So with ``scaled``, give the organs that carry the pathology codes far from 0, or move every
-organ away from background with ``offset`` (option ``anatomy_offset``: code ``offset + (1 - offset) * s``). ``onehot``
-has no order.
+README has the numbers. Moving every organ away from background (``offset``, option ``anatomy_offset``: code
+``offset + (1 - offset) * s``) did not help there, nor did putting the lesion organs lowest; only the lesion organs at
+the *top* of the line did (``anatomy_groups=*/kidney/liver``). So with ``scaled``, give the organs that carry the
+pathology the highest codes. ``onehot`` has no order.
 
 The encodings are lists of channel definitions for :func:`nnx.extras.onehot` (an int = one-hot of that value,
 ``[[value, weight], ...]`` = weighted sum), so training batches, validation and ``nnx_predict`` produce the same
