@@ -60,11 +60,11 @@ _ANATOMY_OPTIONS = {
     "anatomy_encoding": Option("scaled", "anatomy input encoding: scaled (one channel, class/C as in GRASP) or onehot "
                                          "(one channel per class or group)", str, choices=ENCODINGS),
     "anatomy_groups": Option("", "group anatomy classes, e.g. liver+kidney/spleen/bladder+spine (groups separated "
-                                 "by '/', members by '+', names or values; classes in no group are dropped; a group '*' = "
-                                 "every class not named, one group each, e.g. */kidney/liver); empty = "
+                                 "by '/', members by '+', names or values; classes in no group are dropped; a group "
+                                 "'*' = every class not named, one group each, e.g. */kidney/liver); empty = "
                                  "every anatomy label is its own class", str),
     "anatomy_offset": Option(0.0, "scaled encoding only: organ codes offset + (1 - offset) * class/C, background 0; "
-                                  "0 = the thesis' class/C, e.g. 0.5 puts every organ at >= 0.5 away from "
+                                  "0 = class/C (the spec's proposal), e.g. 0.5 puts every organ >= 0.5 away from "
                                   "background", float),
 }
 
