@@ -4,9 +4,9 @@ Speed ratios are measured in one run because these machines are noisy; a ratio i
 takes cores during some arms' rounds and not others'. A measurement worker wraps its timed steps in
 :class:`OtherLoad`: from ``/proc/stat`` (the CPUs this process may run on, ``os.sched_getaffinity``) it takes the
 busy time of those CPUs, subtracts its own CPU time and that of its child processes (e.g. augmentation workers), and
-divides by the wall time -- the average number of cores other processes kept busy. ``None`` where ``/proc/stat`` is not readable. (In a container whose ``/proc/stat``
-shows the host's CPUs without an affinity mask the figure includes the host's other jobs: it can only warn too
-often, never hide contention.)
+divides by the wall time -- the average number of cores other processes kept busy. ``None`` where ``/proc/stat`` is
+not readable. (In a container whose ``/proc/stat`` shows the host's CPUs without an affinity mask the figure includes
+the host's other jobs: it can only warn too often, never hide contention.)
 """
 from __future__ import annotations
 
